@@ -1,0 +1,3 @@
+from modwatch.cli import main
+
+main()

@@ -1,0 +1,395 @@
+"""A capture session: set up probes in modwatch's own tracefs instance, read
+trace_pipe, yield records, and take everything down again.
+
+Setup runs in ordered steps, each registering its undo *before* it acts, so that
+an error or a signal at any point leaves nothing behind; teardown undoes every
+step best effort, in reverse. Leftovers of a session that was SIGKILLed are
+removed at the next start: groups and instances are named `modwatch_PID_TOKEN`,
+and only those whose PID no longer runs modwatch are touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import IO, Any
+
+from modwatch import tracefs
+from modwatch.correlate import Correlator, Enricher, Record, TraceClock
+from modwatch.errors import ExitStatus, ModwatchError
+from modwatch.parser import Event, Lost, Parser, Unparsed
+from modwatch.probes import GROUP_PREFIX, ProbeSet, build_probe_set, current_arch, new_group
+from modwatch.procfs import PROCFS_PATH, ProcEnricher
+from modwatch.tracefile import SavedTrace, TraceWriter
+
+READ_SIZE = 1 << 16
+# Clocks for the instance, in order of preference, with the matching clock of ours.
+_CLOCKS = (("mono", time.CLOCK_MONOTONIC), ("boot", time.CLOCK_BOOTTIME))
+
+
+class Stop(Exception):
+    """Raised by the signal handlers: stop capturing, tear down, exit normally."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class Options:
+    duration: float | None = None
+    count: int | None = None
+    pid: int | None = None
+    failed_only: bool = False
+    raw: bool = False
+    save_trace: IO[str] | None = None
+    command: list[str] | None = None
+
+
+@dataclass
+class Stats:
+    """What a session counted besides its records; reported at the end."""
+
+    unparsed: int = 0
+    unparsed_samples: list[str] = field(default_factory=list)
+    lost: int = 0
+    unmatched: int = 0
+    command_status: int | None = None
+    stopped_by: str | None = None
+    teardown_errors: list[str] = field(default_factory=list)
+
+
+def _owner_alive(pid: int, procfs: str = PROCFS_PATH) -> bool:
+    try:
+        with open(f"{procfs}/{pid}/cmdline", "rb") as f:
+            return b"modwatch" in f.read()
+    except OSError:
+        return False
+
+
+def _session_pid(name: str) -> int | None:
+    # modwatch_PID_TOKEN
+    parts = name[len(GROUP_PREFIX) :].split("_")
+    return int(parts[0]) if name.startswith(GROUP_PREFIX) and parts[0].isdigit() else None
+
+
+def remove_leftovers(fs: tracefs.Tracefs) -> list[str]:
+    """Remove instances and probe groups of dead modwatch sessions; returns their names."""
+    removed = []
+    for name in fs.instance_paths():
+        pid = _session_pid(name)
+        if pid is not None and not _owner_alive(pid):
+            fs.remove_instance(name)
+            removed.append(f"instance {name}")
+    for group, removals in fs.groups(GROUP_PREFIX).items():
+        pid = _session_pid(group)
+        if pid is not None and not _owner_alive(pid):
+            for removal in removals:
+                fs.remove_probe(removal, group)
+            removed.append(f"probe group {group}")
+    return removed
+
+
+def open_tracefs() -> tracefs.Tracefs:
+    """The tracefs to use, after the checks a capture needs, each with its own status."""
+    if os.geteuid() != 0:
+        raise ModwatchError(
+            "modwatch: capture needs root (tracefs and kprobe_events are root-only): "
+            "run it with sudo, or use --dry-run / --replay FILE without root",
+            ExitStatus.NOT_ROOT,
+        )
+    if tracefs.lockdown_mode() == "confidentiality":
+        raise ModwatchError(
+            f"modwatch: kernel lockdown is in confidentiality mode ({tracefs.LOCKDOWN_PATH}), "
+            "which forbids kprobes and tracefs: boot with lockdown=integrity or none",
+            ExitStatus.LOCKDOWN,
+        )
+    root = tracefs.find_mount()
+    if root is None:
+        try:
+            tracefs.mount()
+        except OSError as err:
+            raise ModwatchError(
+                f"modwatch: tracefs is not mounted and mounting it at "
+                f"{tracefs.DEFAULT_MOUNTPOINT} failed ({err.strerror}): "
+                f"mount -t tracefs nodev {tracefs.DEFAULT_MOUNTPOINT}",
+                ExitStatus.NO_TRACEFS,
+            ) from err
+        root = tracefs.DEFAULT_MOUNTPOINT
+    fs = tracefs.Tracefs(root)
+    if not fs.exists("kprobe_events"):
+        raise ModwatchError(
+            f"modwatch: {fs.path('kprobe_events')} does not exist: this kernel was built "
+            "without CONFIG_KPROBE_EVENTS, which modwatch needs",
+            ExitStatus.NO_KPROBES,
+        )
+    return fs
+
+
+def plan(fs: tracefs.Tracefs, group: str) -> ProbeSet:
+    """The probe set for the running kernel, chosen from what it offers."""
+    functions = fs.available_functions()
+    kallsyms: set[str] | None = None
+
+    def lookup(symbol: str) -> str | None:
+        nonlocal kallsyms
+        if symbol in functions:
+            return "available_filter_functions"
+        if kallsyms is None:
+            kallsyms = tracefs.kallsyms_text_symbols()
+        return "/proc/kallsyms" if symbol in kallsyms else None
+
+    return build_probe_set(group, current_arch(), lookup, fs.has_tracepoint)
+
+
+def plan_offline(group: str) -> tuple[ProbeSet, str | None]:
+    """The probe set for --dry-run: checked against the running kernel when tracefs can
+    be read, else the architecture's defaults and the reason they are unchecked."""
+    try:
+        fs = open_tracefs()
+    except ModwatchError as err:
+        return build_probe_set(group, current_arch(), lambda s: "unchecked", lambda s, e: True), (
+            err.message.removeprefix("modwatch: ")
+        )
+    return plan(fs, group), None
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Stop(signum)
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+class Capture:
+    """One capture from the kernel (or from a saved trace with `replay`)."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.stats = Stats()
+        self.instance: str | None = None
+        self.probe_set: ProbeSet | None = None
+        self.leftovers: list[str] = []
+        self.on_armed: Callable[[Capture], None] | None = None
+
+    # -- records from a saved trace ---------------------------------------------------
+
+    def replay(self, path: str) -> Generator[Record, None, None]:
+        saved = SavedTrace(path)
+        self.probe_set = saved.probe_set
+        correlator = Correlator(TraceClock(saved.clock_offset_us), saved)
+        parser = Parser(saved.probe_set.by_event())
+        for chunk in saved.chunks():
+            yield from self._records(parser.feed(chunk), correlator)
+        yield from self._records(parser.flush(), correlator)
+        yield from self._finish(correlator)
+
+    # -- records from the kernel ------------------------------------------------------
+
+    def run(self) -> Generator[Record, None, None]:
+        """Arm, read and yield records until the duration, count or command ends or a
+        signal arrives; everything is torn down when the generator finishes or is closed."""
+        previous = _install_signal_handlers()
+        try:
+            with contextlib.ExitStack() as undo:
+                fd, clock, correlator = self._arm(undo)
+                yield from self._read(fd, clock, correlator)
+        except Stop as stop:
+            self.stats.stopped_by = str(stop)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _arm(self, undo: contextlib.ExitStack) -> tuple[int, TraceClock, Correlator]:
+        fs = open_tracefs()
+        self.leftovers = remove_leftovers(fs)
+        group = new_group(os.getpid())
+        probe_set = self.probe_set = plan(fs, group)
+
+        # Teardown runs in reverse: the instance is removed before the probes, because
+        # removing it disables its events and an enabled probe cannot be removed.
+        for spec in probe_set.probes:
+            undo.callback(self._best_effort, fs.remove_probe, spec.removal(), group)
+            self._guard(fs.add_probe, spec.definition())
+
+        self.instance = group
+        undo.callback(self._best_effort, fs.remove_instance, group)
+        self._guard(fs.make_instance, group)
+        base = os.path.join("instances", group)
+        clock_name, clock_id = next(
+            (c for c in _CLOCKS if c[0] in fs.read(base, "trace_clock").split()), _CLOCKS[0]
+        )
+        self._guard(fs.write, os.path.join(base, "trace_clock"), clock_name)
+        clock = TraceClock(time.time_ns() // 1000 - time.clock_gettime_ns(clock_id) // 1000)
+        enables = [os.path.join(base, "events", group, "enable")]
+        enables += [
+            os.path.join(base, "events", t.system, t.event, "enable") for t in probe_set.tracepoints
+        ]
+        for enable in enables:
+            self._guard(fs.write, enable, "1")
+
+        fd = os.open(fs.path(base, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
+        undo.callback(os.close, fd)
+
+        writer = None
+        if self.options.save_trace is not None:
+            writer = TraceWriter(self.options.save_trace, probe_set, clock.offset_us)
+        self._saver = writer
+        enricher: Enricher = ProcEnricher(record=writer.caller if writer else None)
+        return fd, clock, Correlator(clock, enricher)
+
+    @staticmethod
+    def _guard(action: Callable[..., object], *args: str) -> None:
+        """Run one setup step; a refusal by tracefs becomes a ModwatchError."""
+        try:
+            action(*args)
+        except OSError as err:
+            raise ModwatchError(
+                f"modwatch: setting up tracefs failed at {err.filename or args[0]}: {err.strerror}",
+                ExitStatus.PROBE_REJECTED,
+            ) from err
+
+    def _read(self, fd: int, clock: TraceClock, correlator: Correlator) -> Iterator[Record]:
+        opts = self.options
+        assert self.probe_set is not None
+        parser = Parser(self.probe_set.by_event())
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        child: subprocess.Popen[bytes] | None = None
+        pidfd = -1
+        if self.on_armed is not None:
+            self.on_armed(self)
+        if opts.command:
+            try:
+                child = subprocess.Popen(opts.command)
+            except OSError as err:
+                raise ModwatchError(
+                    f"modwatch: cannot run {opts.command[0]}: {err.strerror}", ExitStatus.USAGE
+                ) from err
+            pidfd = os.pidfd_open(child.pid)
+            poller.register(pidfd, select.POLLIN)
+        deadline = None if opts.duration is None else time.monotonic() + opts.duration
+        emitted = 0
+        try:
+            while True:
+                timeout = None if deadline is None else max(0, deadline - time.monotonic())
+                ready = poller.poll(None if timeout is None else timeout * 1000)
+                for record in self._drain(fd, parser, correlator):
+                    yield record
+                    if record["type"] != "lost":
+                        emitted += 1
+                        if opts.count is not None and emitted >= opts.count:
+                            return
+                if child is not None and any(r[0] == pidfd for r in ready):
+                    self.stats.command_status = child.wait()
+                    # Its events were written before it exited: read what is left.
+                    yield from self._drain(fd, parser, correlator)
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        except Stop:
+            yield from self._drain(fd, parser, correlator)
+            raise
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+            if child is not None and child.returncode is None:
+                # Stopped before COMMAND ended: it does not outlive the capture.
+                child.terminate()
+                try:
+                    self.stats.command_status = child.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    self.stats.command_status = child.wait()
+        yield from self._finish(correlator)
+
+    def _drain(self, fd: int, parser: Parser, correlator: Correlator) -> Iterator[Record]:
+        """Read everything trace_pipe has now; each read returns whole events."""
+        while True:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                raise ModwatchError(
+                    f"modwatch: reading trace_pipe of instance {self.instance} failed "
+                    f"({err.strerror}): was it removed by someone else?",
+                    ExitStatus.TRACE_GONE,
+                ) from err
+            if not data:
+                return
+            text = data.decode("utf-8", "surrogateescape")
+            if self._saver is not None:
+                self._saver.text(text)
+            yield from self._records(parser.feed(text) + parser.flush(), correlator)
+            if self._saver is not None:
+                self._saver.flush()
+
+    def _records(
+        self, items: list[Event | Lost | Unparsed], correlator: Correlator
+    ) -> Iterator[Record]:
+        opts = self.options
+        for item in items:
+            if isinstance(item, Event):
+                if opts.raw:
+                    records = [_raw_record(item, correlator.clock)]
+                    correlator.last_ts_us = item.ts_us
+                else:
+                    records = correlator.event(item)
+            elif isinstance(item, Lost):
+                self.stats.lost += item.events
+                records = [correlator.lost(item)]
+            else:
+                self.stats.unparsed += 1
+                if len(self.stats.unparsed_samples) < 3:
+                    self.stats.unparsed_samples.append(item.text)
+                continue
+            for record in records:
+                if self._wanted(record):
+                    yield record
+
+    def _finish(self, correlator: Correlator) -> Iterator[Record]:
+        for record in correlator.finish():
+            if self._wanted(record):
+                yield record
+        self.stats.unmatched = correlator.unmatched
+
+    def _wanted(self, record: Record) -> bool:
+        opts = self.options
+        if record["type"] == "lost":
+            return True
+        if opts.pid is not None and opts.pid not in (record.get("pid"), record.get("tid")):
+            return False
+        return not (opts.failed_only and record.get("ok") is not False and not opts.raw)
+
+    def _best_effort(self, action: Callable[..., object], *args: object) -> None:
+        """Teardown never stops halfway: a failed step is noted, and the rest still runs."""
+        try:
+            action(*args)
+        except OSError as err:
+            self.stats.teardown_errors.append(f"{action.__name__}{args}: {err.strerror}")
+
+    _saver: TraceWriter | None = None
+
+
+def _raw_record(ev: Event, clock: TraceClock) -> Record:
+    return {
+        "v": 1,
+        "type": "event",
+        "event": ev.kind,
+        "time": clock.iso(ev.ts_us),
+        "cpu": ev.cpu,
+        "tid": ev.tid,
+        "compat": ev.compat,
+        "args": ev.fields,
+    }

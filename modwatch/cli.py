@@ -1,0 +1,237 @@
+"""The command line: parses options, runs the core, writes records and messages.
+
+This is the only module that knows about the terminal.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from pathlib import Path
+from typing import IO, Annotated
+
+import typer
+
+from modwatch import __version__, capture, events
+from modwatch.errors import EXIT_STATUS_HELP, ExitStatus, ModwatchError
+from modwatch.output import JsonlWriter, TableWriter, Writer
+from modwatch.probes import new_group
+
+_STATUS_TABLE = "\n\n".join(f"{int(s)}: {text}" for s, text in EXIT_STATUS_HELP.items())
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Watch kernel module loads and unloads through kprobe events in tracefs, "
+    "without eBPF.\n\nExit status:\n\n" + _STATUS_TABLE,
+)
+
+
+class Format(enum.StrEnum):
+    jsonl = "jsonl"
+    table = "table"
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _open_output(path: Path | None, fmt: Format | None) -> tuple[Writer, IO[bytes] | None]:
+    try:
+        stream = open(path, "wb") if path is not None else None  # noqa: SIM115
+    except OSError as err:
+        raise ModwatchError(
+            f"modwatch: cannot write {path}: {err.strerror}: choose another --output",
+            ExitStatus.OUTPUT_ERROR,
+        ) from err
+    if fmt is None:
+        fmt = Format.table if stream is None and sys.stdout.isatty() else Format.jsonl
+    if fmt is Format.table:
+        text = open(stream.fileno(), "w", closefd=False) if stream else sys.stdout  # noqa: SIM115
+        return TableWriter(text), stream
+    return JsonlWriter(stream if stream else sys.stdout.buffer), stream
+
+
+@app.command("capture", context_settings={"allow_interspersed_args": False})
+def capture_command(
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[-- COMMAND ...]",
+            help="Arm the probes, run COMMAND, stop when it exits (after reading what it "
+            "caused), and exit with its status.",
+            show_default=False,
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option("-d", "--duration", min=0, help="Stop after SECONDS.", metavar="SECONDS"),
+    ] = None,
+    count: Annotated[
+        int | None,
+        typer.Option("-n", "--count", min=1, help="Stop after N load/unload records."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Write records to FILE instead of stdout."),
+    ] = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option(
+            "--format",
+            help="jsonl (one JSON object per line) or table; default: table on a terminal, "
+            "jsonl otherwise.",
+            show_default=False,
+        ),
+    ] = None,
+    pid: Annotated[
+        int | None, typer.Option("-p", "--pid", help="Only operations of this process or thread.")
+    ] = None,
+    failed: Annotated[bool, typer.Option("-x", "--failed", help="Only failed operations.")] = False,
+    raw: Annotated[
+        bool,
+        typer.Option("--raw", help="One record per kernel event (see `modwatch events`)."),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the probe definitions and exit; touch nothing."),
+    ] = False,
+    save_trace: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-trace", help="Also keep the raw trace_pipe text, for --replay.", metavar="FILE"
+        ),
+    ] = None,
+    replay: Annotated[
+        Path | None,
+        typer.Option(
+            "--replay",
+            help="Read a --save-trace FILE instead of the kernel (no root needed).",
+            metavar="FILE",
+        ),
+    ] = None,
+) -> None:
+    """Capture module loads and unloads: one record per operation, with its outcome.
+
+    Records are emitted when the syscall returns. Runs until Ctrl-C, SIGTERM or SIGHUP,
+    --duration, --count, or the end of COMMAND; every probe and the tracefs instance
+    modwatch made are removed on the way out.
+    """
+    if dry_run:
+        probe_set, unchecked = capture.plan_offline(new_group(os.getpid()))
+        print(f"# probe group and instance: {probe_set.group}")
+        if unchecked:
+            print(f"# not checked against the running kernel: {unchecked}")
+        for choice in probe_set.choices:
+            print(f"# {choice}")
+        for spec in probe_set.probes:
+            print(spec.definition())
+        for tp in probe_set.tracepoints:
+            print(f"# enable tracepoint {tp.system}:{tp.event}")
+        return
+
+    trace_file = None
+    if save_trace is not None:
+        try:
+            trace_file = open(save_trace, "w", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+        except OSError as err:
+            raise ModwatchError(
+                f"modwatch: cannot write {save_trace}: {err.strerror}", ExitStatus.OUTPUT_ERROR
+            ) from err
+    writer, stream = _open_output(output, fmt)
+    options = capture.Options(
+        duration=duration,
+        count=count,
+        pid=pid,
+        failed_only=failed,
+        raw=raw,
+        save_trace=trace_file,
+        command=command or None,
+    )
+    cap = capture.Capture(options)
+    cap.on_armed = _banner
+    records = cap.replay(str(replay)) if replay is not None else cap.run()
+    try:
+        for record in records:
+            if record["type"] == "lost":
+                _err(
+                    f"modwatch: warning: lost {record['count']} events on CPU {record['cpu']} "
+                    "(the kernel's buffer overran)"
+                )
+            writer.write(record)
+    except BrokenPipeError:
+        records.close()  # tears down before we go
+        # Nothing more can reach stdout; keep the interpreter from failing on its flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as err:
+        records.close()
+        raise ModwatchError(
+            f"modwatch: writing records failed ({err.strerror}); probes and instance removed",
+            ExitStatus.OUTPUT_ERROR,
+        ) from err
+    finally:
+        records.close()
+        if trace_file is not None:
+            trace_file.close()
+        if stream is not None:
+            stream.close()
+        _summary(cap)
+    if cap.stats.command_status is not None:
+        status = cap.stats.command_status
+        raise typer.Exit(status if status >= 0 else 128 - status)
+
+
+def _banner(cap: capture.Capture) -> None:
+    _err(
+        f"modwatch: tracing finit_module, init_module and delete_module in tracefs instance "
+        f"{cap.instance}; "
+        + ("stops when COMMAND exits" if cap.options.command else "Ctrl-C to stop")
+    )
+    if cap.leftovers:
+        _err(f"modwatch: removed leftovers of dead sessions: {', '.join(cap.leftovers)}")
+
+
+def _summary(cap: capture.Capture) -> None:
+    stats = cap.stats
+    if stats.unparsed:
+        samples = "; ".join(repr(s) for s in stats.unparsed_samples)
+        _err(f"modwatch: {stats.unparsed} lines of trace text could not be parsed: {samples}")
+    if stats.lost:
+        _err(f"modwatch: {stats.lost} events lost in all (kernel buffer overruns)")
+    for problem in stats.teardown_errors:
+        _err(f"modwatch: warning: teardown step failed: {problem}")
+
+
+@app.command("events")
+def events_command() -> None:
+    """List the raw kernel events, their arguments, types and tags.
+
+    Tags: K read from kernel memory; U from user space or chosen by the caller;
+    TOCTOU may change between check and use; OPT may be absent.
+    """
+    for event in events.CATALOGUE:
+        print(f"{event.name}  ({event.probe})")
+        print(f"    {event.meaning}")
+        for arg in event.args:
+            tags = ",".join(arg.tags)
+            print(f"    {arg.name:<14} {arg.type:<24} {tags:<9} {arg.meaning}")
+        print()
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print modwatch's version."""
+    print(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except ModwatchError as err:
+        if os.environ.get("MODWATCH_DEBUG"):
+            raise
+        _err(err.message)
+        sys.exit(err.status)

@@ -1,0 +1,233 @@
+"""Join the events of one module operation into one record.
+
+Events of one operation share the caller's thread id: the syscall entry opens an
+operation, the kernel-side events (find_module_all, parse_args, module_load,
+do_init_module, module_free) fill it in, and the syscall's return closes it and
+yields the record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from modwatch.decode import LOAD_FLAGS, UNLOAD_FLAGS, errno_name, flag_names
+from modwatch.parser import Event, Lost
+
+SCHEMA_VERSION = 1
+SYSCALLS = ("finit_module", "init_module", "delete_module")
+RECORD_KEYS = (
+    "v",
+    "type",
+    "time",
+    "syscall",
+    "module",
+    "path",
+    "params",
+    "flags",
+    "flags_raw",
+    "ret",
+    "errno",
+    "ok",
+    "stage",
+    "init_ret",
+    "taints",
+    "pid",
+    "tid",
+    "uid",
+    "comm",
+)
+# Open operations whose return never came (a missed kretprobe, lost events) are
+# emitted as incomplete once this many are held, oldest first.
+MAX_OPEN = 4096
+
+Record = dict[str, Any]
+
+
+class Caller(NamedTuple):
+    """What /proc tells about the caller of an operation, read while it is in flight."""
+
+    pid: int | None
+    uid: int | None
+    path: str | None  # the module file, from the caller's fd (finit_module)
+
+
+NO_CALLER = Caller(None, None, None)
+
+
+class Enricher(Protocol):
+    def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller: ...
+
+
+class NoEnrichment:
+    def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
+        return NO_CALLER
+
+
+class TraceClock:
+    """Maps the instance's trace clock (microseconds) to wall time."""
+
+    def __init__(self, wall_minus_trace_us: int) -> None:
+        self.offset_us = wall_minus_trace_us
+
+    def iso(self, ts_us: int) -> str:
+        when = dt.datetime.fromtimestamp((ts_us + self.offset_us) / 1e6, tz=dt.UTC)
+        return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class _Operation:
+    syscall: str
+    tid: int
+    ts_us: int
+    comm: str | None = None
+    flags_raw: int | None = None
+    caller: Caller = NO_CALLER
+    module: str | None = None
+    params: str | None = None
+    passed_permission: bool = False
+    init_ran: bool = False
+    init_ret: int | None = None
+    taints: list[str] | None = None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def _stage(op: _Operation, ret: int) -> str | None:
+    if ret == 0:
+        return None
+    if op.init_ran:
+        return "init"
+    unload = op.syscall == "delete_module"
+    if not op.passed_permission and ret == -errno.EPERM:
+        return "permission"
+    return "unload" if unload else "load"
+
+
+class Correlator:
+    """Feed events in trace order; get records back as operations complete."""
+
+    def __init__(self, clock: TraceClock, enricher: Enricher | None = None) -> None:
+        self.clock = clock
+        self.enricher = enricher or NoEnrichment()
+        self.open: OrderedDict[int, _Operation] = OrderedDict()
+        self.last_ts_us: int | None = None
+        self.unmatched = 0  # kernel-side events outside any operation (e.g. boot-time)
+
+    def event(self, ev: Event) -> list[Record]:
+        self.last_ts_us = ev.ts_us
+        kind = ev.kind
+        if kind in SYSCALLS:
+            return self._enter(ev)
+        if kind.endswith("_ret") and kind[: -len("_ret")] in SYSCALLS:
+            return self._return(ev)
+        op = self.open.get(ev.tid)
+        if op is None:
+            self.unmatched += 1
+            return []
+        f = ev.fields
+        if kind == "load_module":
+            op.passed_permission = True
+        elif kind == "find_module":
+            op.passed_permission = True
+            op.module = op.module or _str(f["name"])
+        elif kind == "module_params":
+            op.passed_permission = True
+            op.params = _str(f["params"])
+        elif kind == "module_load":
+            op.passed_permission = True
+            op.module = str(f["name"])
+            op.taints = list(str(f["taints"]))
+        elif kind == "do_init_module":
+            op.passed_permission = op.init_ran = True
+            op.module = _str(f["name"]) or op.module
+        elif kind == "do_init_module_ret":
+            op.init_ret = _int(f["ret"])
+        elif kind == "module_free":
+            op.passed_permission = True
+            if op.module is None:
+                op.module = str(f["name"])
+        else:
+            self.unmatched += 1
+        return []
+
+    def lost(self, lost: Lost) -> Record:
+        return {
+            "v": SCHEMA_VERSION,
+            "type": "lost",
+            "time": None if self.last_ts_us is None else self.clock.iso(self.last_ts_us),
+            "cpu": lost.cpu,
+            "count": lost.events,
+        }
+
+    def finish(self) -> list[Record]:
+        """Operations still open at the end: records with a null `ret`."""
+        records = [self._record(op, None) for op in self.open.values()]
+        self.open.clear()
+        return records
+
+    def _enter(self, ev: Event) -> list[Record]:
+        records = []
+        stale = self.open.pop(ev.tid, None)
+        if stale is not None:  # its return was missed: the thread has moved on
+            records.append(self._record(stale, None))
+        op = _Operation(
+            syscall=ev.kind,
+            tid=ev.tid,
+            ts_us=ev.ts_us,
+            comm=_str(ev.fields.get("comm")),
+            flags_raw=_int(ev.fields.get("flags")),
+            caller=self.enricher.caller(ev.tid, ev.ts_us, _int(ev.fields.get("fd"))),
+        )
+        if ev.tgid is not None and op.caller.pid is None:
+            op.caller = op.caller._replace(pid=ev.tgid)
+        self.open[ev.tid] = op
+        while len(self.open) > MAX_OPEN:
+            _, oldest = self.open.popitem(last=False)
+            records.append(self._record(oldest, None))
+        return records
+
+    def _return(self, ev: Event) -> list[Record]:
+        syscall = ev.kind[: -len("_ret")]
+        records = []
+        op = self.open.pop(ev.tid, None)
+        if op is not None and op.syscall != syscall:
+            records.append(self._record(op, None))  # that call's return was missed
+            op = None
+        if op is None:  # the entry was lost: a record of what the return says
+            op = _Operation(syscall=syscall, tid=ev.tid, ts_us=ev.ts_us)
+        records.append(self._record(op, _int(ev.fields["ret"])))
+        return records
+
+    def _record(self, op: _Operation, ret: int | None) -> Record:
+        table = UNLOAD_FLAGS if op.syscall == "delete_module" else LOAD_FLAGS
+        return {
+            "v": SCHEMA_VERSION,
+            "type": "unload" if op.syscall == "delete_module" else "load",
+            "time": self.clock.iso(op.ts_us),
+            "syscall": op.syscall,
+            "module": op.module,
+            "path": op.caller.path,
+            "params": op.params,
+            "flags": None if op.flags_raw is None else flag_names(op.flags_raw, table),
+            "flags_raw": op.flags_raw,
+            "ret": ret,
+            "errno": errno_name(ret),
+            "ok": None if ret is None else ret == 0,
+            "stage": None if ret is None else _stage(op, ret),
+            "init_ret": op.init_ret,
+            "taints": op.taints,
+            "pid": op.caller.pid,
+            "tid": op.tid,
+            "uid": op.caller.uid,
+            "comm": op.comm,
+        }

@@ -1,0 +1,215 @@
+"""Parse `trace_pipe` text into events.
+
+The text has traps (see the kernel notes): strings are printed raw, so a task
+name or a parameter string may hold quotes and newlines, and a task name in a
+line's prefix may begin with lines of its own. The parser therefore reads
+*logical* lines: a header line of one of modwatch's events (its event name is
+unguessable for an unprivileged user) followed by any continuation lines. Only
+the last fields of an event may be strings, so every other field is anchored
+before them; the task name is fetched twice (`comm="X" comm2="X"`), which has
+exactly one reading whatever X holds. Nothing is dropped in silence: a line
+that fits nowhere comes out as `Unparsed`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from modwatch.probes import ProbeSpec, Tracepoint
+
+# `TASK-TID (TGID) [CPU] FLAGS SECS.USECS: EVENT: BODY`. The task is printed `%16s`
+# (at most 15 characters, padded left); `(TGID)` appears with record-tgid, FLAGS with
+# irq-info and has 4 characters before ~5.15 and 5 after.
+_HEADER = re.compile(
+    r"(?P<task>.{0,16}?)-(?P<tid>\d+) +"
+    r"(?:\((?: *(?P<tgid>\d+)|-+)\) +)?"
+    r"\[(?P<cpu>\d+)\] +"
+    r"(?:(?P<flags>\S{4,5}) +)?"
+    r"(?P<sec>\d+)\.(?P<usec>\d{6}): (?P<event>[A-Za-z_]\w*): ?"
+)
+_LOST = re.compile(r"CPU:(?P<cpu>\d+) \[LOST (?P<count>\d+) EVENTS\]")
+TASK_WIDTH = 16
+
+_NUMBER = {"s": r"-?\d+", "u": r"\d+", "x": r"0x[0-9a-fA-F]+"}
+
+
+class Event(NamedTuple):
+    """One kernel event of modwatch's probe set."""
+
+    kind: str  # e.g. "finit_module", "module_load"
+    compat: bool  # from a 32-bit syscall entry point
+    tid: int
+    tgid: int | None
+    cpu: int
+    ts_us: int  # trace clock, microseconds
+    task: str  # task name from the line prefix (may be "<...>")
+    fields: dict[str, int | str | None]  # None: the kernel printed (fault)
+
+
+class Lost(NamedTuple):
+    """`CPU:N [LOST M EVENTS]`: the kernel overwrote M events of that CPU."""
+
+    cpu: int
+    events: int
+
+
+class Unparsed(NamedTuple):
+    """Text that fits no event of the probe set."""
+
+    text: str
+
+
+Item = Event | Lost | Unparsed
+
+
+def _value_pattern(name: str, type_: str) -> str:
+    if type_ in ("string", "ustring"):
+        # A string the kernel could not read prints as (fault), unquoted: group is None.
+        return f'(?:"(?P<{name}>(?s:.*))"|\\(fault\\))'
+    return f"(?P<{name}>{_NUMBER[type_[0]]})"
+
+
+def body_pattern(spec: ProbeSpec) -> re.Pattern[str]:
+    """The regex a probe's body must match in full, built from its fetch-args."""
+    args = list(spec.args)
+    comm_pair = len(args) >= 2 and (args[-2].name, args[-1].name) == ("comm", "comm2")
+    if comm_pair:
+        args = args[:-2]
+    if any(a.is_string for a in args[:-1]) or (comm_pair and args and args[-1].is_string):
+        raise ValueError(f"{spec.event}: only one trailing string can be parsed")
+    # Probe location: `(sym+0x0/0x20)`, or for a return `(caller+0x5d/0xb0 <- sym)`.
+    parts = [r"\([^()\n]*\)"]
+    parts += [f" {a.name}={_value_pattern(a.name, a.type)}" for a in args]
+    if comm_pair:
+        parts.append(r' comm="(?P<comm>(?s:.*))" comm2="(?P=comm)"')
+    return re.compile("".join(parts))
+
+
+_TRACEPOINT_BODY = {
+    # TP_printk("%s %s", name, show_module_flags(taints)): letters, or "" when untainted.
+    "module_load": re.compile(r"(?P<name>(?s:.*)) (?P<taints>[A-Z]*)"),
+    "module_free": re.compile(r"(?P<name>(?s:.*))"),
+}
+
+
+class _Kind(NamedTuple):
+    kind: str
+    compat: bool
+    pattern: re.Pattern[str]
+    numeric: dict[str, int]  # field -> base for int()
+
+
+def _kind_of(spec: ProbeSpec | Tracepoint) -> _Kind:
+    if isinstance(spec, Tracepoint):
+        return _Kind(spec.kind, False, _TRACEPOINT_BODY[spec.event], {})
+    numeric = {a.name: 16 if a.type[0] == "x" else 10 for a in spec.args if not a.is_string}
+    return _Kind(spec.kind, spec.compat, body_pattern(spec), numeric)
+
+
+def _residue_start(pending: list[str], task_len: int) -> int | None:
+    """Where the lines that begin the next header's task name start, if they exist: a
+    task name holding newlines fills the %16s field across lines, so those lines and the
+    header's own part are exactly TASK_WIDTH characters long with their newlines."""
+    width = task_len
+    if width >= TASK_WIDTH:
+        return None
+    for j in range(len(pending) - 1, -1, -1):
+        width += len(pending[j]) + 1
+        if width == TASK_WIDTH:
+            return j
+        if width > TASK_WIDTH:
+            return None
+    return None
+
+
+class Parser:
+    """Incremental parser. `feed` takes text as read (whole events per read, as
+    trace_pipe returns them); `flush` ends the input."""
+
+    def __init__(self, events: dict[str, ProbeSpec | Tracepoint]) -> None:
+        self._kinds = {name: _kind_of(spec) for name, spec in events.items()}
+        self._partial = ""
+        self._header: re.Match[str] | None = None
+        self._header_line = ""
+        self._pending: list[str] = []
+
+    def feed(self, data: str) -> list[Item]:
+        out: list[Item] = []
+        lines = (self._partial + data).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._line(line, out)
+        return out
+
+    def flush(self) -> list[Item]:
+        """Resolve what is held back. trace_pipe returns whole events per read, so this is
+        called after each read as well as at the end of the input."""
+        out: list[Item] = []
+        if self._partial:
+            self._line(self._partial, out)
+            self._partial = ""
+        self._resolve(None, out)
+        return out
+
+    def _line(self, line: str, out: list[Item]) -> None:
+        lost = _LOST.fullmatch(line)
+        if lost:
+            self._resolve(None, out)
+            out.append(Lost(int(lost["cpu"]), int(lost["count"])))
+            return
+        header = _HEADER.match(line)
+        if header and header["event"] in self._kinds:
+            self._resolve(header, out)
+            self._header, self._header_line = header, line
+            return
+        self._pending.append(line)
+
+    def _resolve(self, nxt: re.Match[str] | None, out: list[Item]) -> None:
+        """Split the pending lines between the current event (continuation of its last
+        string) and `nxt` (the start of a task name holding newlines), and emit."""
+        pending, self._pending = self._pending, []
+        cur, cur_line = self._header, self._header_line
+        self._header = None
+        if nxt is not None:
+            j = _residue_start(pending, len(nxt["task"]))
+            if j is not None:
+                if cur is None:
+                    out.extend(Unparsed(p) for p in pending[:j])
+                    return
+                event = self._event(cur, cur_line, pending[:j])
+                if event is not None:
+                    out.append(event)
+                    return
+        if cur is None:
+            out.extend(Unparsed(p) for p in pending)
+            return
+        for j in range(len(pending), -1, -1):
+            event = self._event(cur, cur_line, pending[:j])
+            if event is not None:
+                out.append(event)
+                out.extend(Unparsed(p) for p in pending[j:])
+                return
+        out.append(Unparsed("\n".join([cur_line, *pending])))
+
+    def _event(self, header: re.Match[str], line: str, more: Iterable[str]) -> Event | None:
+        kind = self._kinds[header["event"]]
+        body = "\n".join([line[header.end() :], *more])
+        m = kind.pattern.fullmatch(body)
+        if m is None:
+            return None
+        fields: dict[str, int | str | None] = {}
+        for name, value in m.groupdict().items():
+            base = kind.numeric.get(name)
+            fields[name] = int(value, base) if base is not None and value is not None else value
+        return Event(
+            kind=kind.kind,
+            compat=kind.compat,
+            tid=int(header["tid"]),
+            tgid=int(header["tgid"]) if header["tgid"] else None,
+            cpu=int(header["cpu"]),
+            ts_us=int(header["sec"]) * 1_000_000 + int(header["usec"]),
+            task=header["task"].lstrip(" "),
+            fields=fields,
+        )

@@ -1,0 +1,111 @@
+"""Saved traces: the raw trace_pipe text of a session with a header naming the probe
+definitions it came from, and the /proc facts read while the session ran.
+
+    # modwatch trace v1
+    # clock-offset-us: 1764355124000000
+    # probe: p:modwatch_123_ab12/mwab12_finit_module __x64_sys_finit_module fd=...
+    # tracepoint: module/module_load
+    <trace_pipe text, as read>
+    #mw-caller {"tid": 812, "ts_us": 2439966, "pid": 812, "uid": 0, "path": "/x.ko"}
+
+`#mw-caller` lines follow the text that holds the event they describe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import IO
+
+import orjson
+
+from modwatch.correlate import Caller
+from modwatch.errors import ExitStatus, ModwatchError
+from modwatch.probes import ProbeSet, ProbeSpec, Tracepoint
+
+MAGIC = "# modwatch trace v1"
+CALLER = "#mw-caller "
+
+
+class TraceWriter:
+    def __init__(self, stream: IO[str], probe_set: ProbeSet, clock_offset_us: int) -> None:
+        self.stream = stream
+        lines = [MAGIC, f"# clock-offset-us: {clock_offset_us}"]
+        lines += [f"# probe: {p.definition()}" for p in probe_set.probes]
+        lines += [f"# tracepoint: {t.system}/{t.event}" for t in probe_set.tracepoints]
+        stream.write("\n".join(lines) + "\n")
+
+    def text(self, data: str) -> None:
+        self.stream.write(data)
+
+    def caller(self, tid: int, ts_us: int, facts: Caller) -> None:
+        entry = {"tid": tid, "ts_us": ts_us, **facts._asdict()}
+        self.stream.write(CALLER + orjson.dumps(entry).decode() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class SavedTrace:
+    """A saved trace read back: its probe set, clock offset, callers and text."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        probes: list[ProbeSpec] = []
+        tracepoints: list[Tracepoint] = []
+        self.clock_offset_us = 0
+        self.callers: dict[tuple[int, int], Caller] = {}
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                if f.readline().rstrip("\n") != MAGIC:
+                    raise ModwatchError(
+                        f"modwatch: {path} is not a modwatch trace (no '{MAGIC}' line): "
+                        "record one with --save-trace",
+                        ExitStatus.BAD_TRACE_FILE,
+                    )
+                header = True
+                for line in f:
+                    header = header and line.startswith("# ")
+                    if not header:
+                        if line.startswith(CALLER):
+                            entry = orjson.loads(line[len(CALLER) :])
+                            self.callers[(entry["tid"], entry["ts_us"])] = Caller(
+                                entry["pid"], entry["uid"], entry["path"]
+                            )
+                    elif line.startswith("# probe: "):
+                        probes.append(ProbeSpec.parse(line[len("# probe: ") :].rstrip("\n")))
+                    elif line.startswith("# tracepoint: "):
+                        system, _, event = line[len("# tracepoint: ") :].strip().partition("/")
+                        tracepoints.append(Tracepoint(system, event))
+                    elif line.startswith("# clock-offset-us: "):
+                        self.clock_offset_us = int(line.split(":", 1)[1])
+        except OSError as err:
+            raise ModwatchError(
+                f"modwatch: cannot read {path}: {err.strerror}", ExitStatus.BAD_TRACE_FILE
+            ) from err
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModwatchError(
+                f"modwatch: {path} is a damaged modwatch trace: {err}", ExitStatus.BAD_TRACE_FILE
+            ) from err
+        group = probes[0].group if probes else ""
+        self.probe_set = ProbeSet(group, tuple(probes), tuple(tracepoints), ())
+
+    def chunks(self, size: int = 1 << 16) -> Iterator[str]:
+        """The trace text without the header and the #mw-caller lines."""
+        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+            in_header = True
+            batch: list[str] = []
+            for line in f:
+                if in_header and line.startswith("# "):
+                    continue
+                in_header = False
+                if line.startswith(CALLER):
+                    continue
+                batch.append(line)
+                if len(batch) >= size // 64:
+                    yield "".join(batch)
+                    batch = []
+            if batch:
+                yield "".join(batch)
+
+    def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
+        return self.callers.get((tid, ts_us), Caller(None, None, None))

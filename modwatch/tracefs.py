@@ -1,0 +1,240 @@
+"""Access to tracefs: finding the mount, appending probe definitions, instances.
+
+Every write that the kernel refuses becomes a ModwatchError that carries the path
+and the kernel's own reason from `error_log`. Writes to `kprobe_events` always
+append: a truncating open would delete every kprobe on the system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from modwatch.errors import ExitStatus, ModwatchError
+
+PROC_MOUNTS = "/proc/mounts"
+LOCKDOWN_PATH = "/sys/kernel/security/lockdown"
+DEFAULT_MOUNTPOINT = "/sys/kernel/tracing"
+
+
+def find_mount(mounts_path: str = PROC_MOUNTS) -> str | None:
+    """The tracefs mount point: tracefs itself first (/sys/kernel/tracing preferred),
+    else the `tracing` directory of a debugfs mount."""
+    tracefs: list[str] = []
+    debugfs: list[str] = []
+    try:
+        with open(mounts_path, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                # /proc/mounts escapes spaces in paths as \040.
+                point = fields[1].encode().decode("unicode_escape")
+                if fields[2] == "tracefs":
+                    tracefs.append(point)
+                elif fields[2] == "debugfs":
+                    debugfs.append(os.path.join(point, "tracing"))
+    except OSError:
+        return None
+    tracefs.sort(key=lambda p: p != DEFAULT_MOUNTPOINT)
+    for point in tracefs + [d for d in debugfs if os.path.isdir(d)]:
+        return point
+    return None
+
+
+def mount(target: str = DEFAULT_MOUNTPOINT) -> None:
+    """Mount tracefs at `target` (the kernel creates /sys/kernel/tracing for it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"nodev", target.encode(), b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def lockdown_mode(path: str = LOCKDOWN_PATH) -> str | None:
+    """The active lockdown mode (`none`, `integrity`, `confidentiality`), or None when the
+    kernel has no lockdown LSM."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read()
+    except OSError:
+        return None
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return None
+
+
+@dataclass(frozen=True)
+class KernelError:
+    """The kernel's reason for a refused write, from error_log."""
+
+    reason: str
+    command: str | None
+    at: str | None  # the word the caret points at
+
+    def __str__(self) -> str:
+        text = self.reason
+        if self.at:
+            text += f" at '{self.at}'"
+        return text
+
+
+def parse_error_log(text: str) -> KernelError | None:
+    """The last entry of a tracefs error_log:
+    `[  12.3] trace_kprobe: error: REASON` / `  Command: CMD` / a caret line."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("[")]
+    if not starts:
+        return None
+    entry = lines[starts[-1] :]
+    head = entry[0].split("] ", 1)[-1]
+    reason = head.split("error: ", 1)[-1].strip()
+    command = at = None
+    if len(entry) > 1 and entry[1].strip().startswith("Command:"):
+        prefix, _, command = entry[1].partition("Command: ")
+        if len(entry) > 2 and "^" in entry[2]:
+            col = entry[2].index("^") - len(prefix) - len("Command: ")
+            if 0 <= col < len(command):
+                at = command[col:].split(" ", 1)[0]
+    return KernelError(reason, command, at)
+
+
+class Tracefs:
+    """One tracefs mount."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return os.path.exists(self.path(*parts))
+
+    def read(self, *parts: str) -> str:
+        with open(self.path(*parts), encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+
+    def lines(self, *parts: str) -> Iterator[str]:
+        with open(self.path(*parts), encoding="utf-8", errors="surrogateescape") as f:
+            yield from (line.rstrip("\n") for line in f)
+
+    def kernel_error(self) -> KernelError | None:
+        try:
+            return parse_error_log(self.read("error_log"))
+        except OSError:
+            return None
+
+    def write(self, rel: str, text: str, append: bool = False) -> None:
+        """Write `text` in one write(2). `append` is for kprobe_events, which must never be
+        opened with O_TRUNC; Python's "a" mode fails there (it seeks), so use os.open."""
+        path = self.path(rel)
+        flags = os.O_WRONLY | (os.O_APPEND if append else 0)
+        fd = os.open(path, flags)
+        try:
+            os.write(fd, text.encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
+
+    def add_probe(self, definition: str) -> None:
+        try:
+            self.write("kprobe_events", definition + "\n", append=True)
+        except OSError as err:
+            reason = self.kernel_error()
+            why = str(reason) if reason else os.strerror(err.errno or 0)
+            raise ModwatchError(
+                f"modwatch: the kernel rejected probe '{definition}' in "
+                f"{self.path('kprobe_events')}: {why}",
+                ExitStatus.PROBE_REJECTED,
+            ) from err
+
+    def remove_probe(self, removal: str, group: str) -> None:
+        """Remove one probe. If it is enabled somewhere else (EBUSY), disable the group at
+        the top level and in every instance, then try once more. A probe that is already
+        gone is not an error."""
+        try:
+            self.write("kprobe_events", removal + "\n", append=True)
+            return
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.EINVAL) and not self.has_group(group):
+                return
+            if err.errno != errno.EBUSY:
+                raise
+        self.disable_group_everywhere(group)
+        self.write("kprobe_events", removal + "\n", append=True)
+
+    def disable_group_everywhere(self, group: str) -> None:
+        places = [self.path("events", group, "enable")]
+        places += [
+            os.path.join(d, "events", group, "enable") for d in self.instance_paths().values()
+        ]
+        for enable in places:
+            if os.path.exists(enable):
+                try:
+                    with open(enable, "w", encoding="ascii") as f:
+                        f.write("0")
+                except OSError:
+                    pass
+
+    def probe_lines(self) -> list[str]:
+        return list(self.lines("kprobe_events"))
+
+    def has_group(self, group: str) -> bool:
+        return any(line[2:].startswith(group + "/") for line in self.probe_lines())
+
+    def groups(self, prefix: str) -> dict[str, list[str]]:
+        """Probe groups whose name starts with `prefix`, with their `-:GROUP/EVENT` removals."""
+        found: dict[str, list[str]] = {}
+        for line in self.probe_lines():
+            # `p:GROUP/EVENT SYMBOL ...`, `r10:GROUP/EVENT ...`
+            head = line.split(" ", 1)[0]
+            _, _, name = head.partition(":")
+            group, _, _ = name.partition("/")
+            if group.startswith(prefix):
+                found.setdefault(group, []).append(f"-:{name}")
+        return found
+
+    def instance_paths(self) -> dict[str, str]:
+        base = self.path("instances")
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return {}
+        return {n: os.path.join(base, n) for n in names}
+
+    def make_instance(self, name: str) -> str:
+        path = self.path("instances", name)
+        os.mkdir(path)
+        return path
+
+    def remove_instance(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(self.path("instances", name))
+
+    def available_functions(self) -> set[str]:
+        """Names in available_filter_functions (`name` or `name [module]`)."""
+        try:
+            return {line.split(" ", 1)[0] for line in self.lines("available_filter_functions")}
+        except OSError:
+            return set()
+
+    def has_tracepoint(self, system: str, event: str) -> bool:
+        return self.exists("events", system, event)
+
+
+def kallsyms_text_symbols(path: str = "/proc/kallsyms") -> set[str]:
+    """Names of text symbols (`t`/`T`) of the kernel proper (not modules)."""
+    names: set[str] = set()
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[1] in ("t", "T"):
+                    names.add(parts[2])
+    except OSError:
+        pass
+    return names
