@@ -189,9 +189,14 @@ class Capture:
         self.probe_set = saved.probe_set
         correlator = Correlator(TraceClock(saved.clock_offset_us), saved)
         parser = Parser(saved.probe_set.by_event())
-        for chunk in saved.chunks():
-            yield from self._records(parser.feed(chunk), correlator)
-        yield from self._records(parser.flush(), correlator)
+        emitted = 0
+        for chunk in [*saved.chunks(), None]:
+            items = parser.feed(chunk) if chunk is not None else parser.flush()
+            for record in self._records(items, correlator):
+                yield record
+                emitted += record["type"] != "lost"
+                if self.options.count is not None and emitted >= self.options.count:
+                    return
         yield from self._finish(correlator)
 
     # -- records from the kernel ------------------------------------------------------
@@ -347,7 +352,7 @@ class Capture:
                 else:
                     records = correlator.event(item)
             elif isinstance(item, Lost):
-                self.stats.lost += item.events
+                self.stats.lost += item.events or 0
                 records = [correlator.lost(item)]
             else:
                 self.stats.unparsed += 1

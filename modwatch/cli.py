@@ -133,6 +133,12 @@ def capture_command(
             print(f"# enable tracepoint {tp.system}:{tp.event}")
         return
 
+    if save_trace is not None and replay is not None:
+        raise ModwatchError(
+            "modwatch: --save-trace and --replay cannot be used together: a replay reads a "
+            "saved trace, it does not make one",
+            ExitStatus.USAGE,
+        )
     trace_file = None
     if save_trace is not None:
         try:
@@ -157,8 +163,9 @@ def capture_command(
     try:
         for record in records:
             if record["type"] == "lost":
+                lost = "an unknown number of" if record["count"] is None else record["count"]
                 _err(
-                    f"modwatch: warning: lost {record['count']} events on CPU {record['cpu']} "
+                    f"modwatch: warning: lost {lost} events on CPU {record['cpu']} "
                     "(the kernel's buffer overran)"
                 )
             writer.write(record)

@@ -14,7 +14,6 @@ that fits nowhere comes out as `Unparsed`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from typing import NamedTuple
 
 from modwatch.probes import ProbeSpec, Tracepoint
@@ -29,7 +28,8 @@ _HEADER = re.compile(
     r"(?:(?P<flags>\S{4,5}) +)?"
     r"(?P<sec>\d+)\.(?P<usec>\d{6}): (?P<event>[A-Za-z_]\w*): ?"
 )
-_LOST = re.compile(r"CPU:(?P<cpu>\d+) \[LOST (?P<count>\d+) EVENTS\]")
+# The count is missing when the kernel could not tell how many were lost.
+_LOST = re.compile(r"CPU:(?P<cpu>\d+) \[LOST (?:(?P<count>\d+) )?EVENTS\]")
 TASK_WIDTH = 16
 
 _NUMBER = {"s": r"-?\d+", "u": r"\d+", "x": r"0x[0-9a-fA-F]+"}
@@ -49,10 +49,11 @@ class Event(NamedTuple):
 
 
 class Lost(NamedTuple):
-    """`CPU:N [LOST M EVENTS]`: the kernel overwrote M events of that CPU."""
+    """`CPU:N [LOST M EVENTS]`: the kernel overwrote M events of that CPU (None: an
+    unknown number)."""
 
     cpu: int
-    events: int
+    events: int | None
 
 
 class Unparsed(NamedTuple):
@@ -108,15 +109,20 @@ def _kind_of(spec: ProbeSpec | Tracepoint) -> _Kind:
     return _Kind(spec.kind, spec.compat, body_pattern(spec), numeric)
 
 
-def _residue_start(pending: list[str], task_len: int) -> int | None:
-    """Where the lines that begin the next header's task name start, if they exist: a
+def _width(text: str) -> int:
+    """Bytes the kernel printed: it pads the task name to 16 bytes, not characters."""
+    return len(text.encode("utf-8", "surrogateescape")) if not text.isascii() else len(text)
+
+
+def _residue_start(pending: list[str], task: str) -> int | None:
+    """Where the lines that begin the next header's task name start, if there are any: a
     task name holding newlines fills the %16s field across lines, so those lines and the
-    header's own part are exactly TASK_WIDTH characters long with their newlines."""
-    width = task_len
+    header's own part are exactly TASK_WIDTH bytes long with their newlines."""
+    width = _width(task)
     if width >= TASK_WIDTH:
         return None
     for j in range(len(pending) - 1, -1, -1):
-        width += len(pending[j]) + 1
+        width += _width(pending[j]) + 1
         if width == TASK_WIDTH:
             return j
         if width > TASK_WIDTH:
@@ -133,7 +139,12 @@ class Parser:
         self._partial = ""
         self._header: re.Match[str] | None = None
         self._header_line = ""
+        self._task_start = ""  # lines of the current header's task name before its line
         self._pending: list[str] = []
+        # The last line in _pending that looks like a LOST line. It is one only if the next
+        # header follows it (the kernel prints it right before that CPU's next event);
+        # otherwise it is text inside a string.
+        self._lost_at: tuple[int, Lost] | None = None
 
     def feed(self, data: str) -> list[Item]:
         out: list[Item] = []
@@ -150,52 +161,70 @@ class Parser:
         if self._partial:
             self._line(self._partial, out)
             self._partial = ""
-        self._resolve(None, out)
+        self._lost_at = None  # a LOST line is always followed by its event in the same read
+        self._resolve(self._pending, out)
+        self._pending = []
         return out
 
     def _line(self, line: str, out: list[Item]) -> None:
-        lost = _LOST.fullmatch(line)
-        if lost:
-            self._resolve(None, out)
-            out.append(Lost(int(lost["cpu"]), int(lost["count"])))
-            return
         header = _HEADER.match(line)
-        if header and header["event"] in self._kinds:
-            self._resolve(header, out)
-            self._header, self._header_line = header, line
+        if header is None or header["event"] not in self._kinds:
+            m = _LOST.fullmatch(line)
+            if m:
+                self._lost_at = (
+                    len(self._pending),
+                    Lost(int(m["cpu"]), int(m["count"]) if m["count"] else None),
+                )
+            self._pending.append(line)
             return
-        self._pending.append(line)
-
-    def _resolve(self, nxt: re.Match[str] | None, out: list[Item]) -> None:
-        """Split the pending lines between the current event (continuation of its last
-        string) and `nxt` (the start of a task name holding newlines), and emit."""
         pending, self._pending = self._pending, []
-        cur, cur_line = self._header, self._header_line
-        self._header = None
-        if nxt is not None:
-            j = _residue_start(pending, len(nxt["task"]))
-            if j is not None:
-                if cur is None:
-                    out.extend(Unparsed(p) for p in pending[:j])
-                    return
-                event = self._event(cur, cur_line, pending[:j])
+        lost_at, self._lost_at = self._lost_at, None
+        task_start: list[str] = []
+        if lost_at is not None:
+            at, lost = lost_at
+            after = pending[at + 1 :]
+            if not after or _residue_start(after, header["task"]) == 0:
+                self._resolve(pending[:at], out)
+                out.append(lost)
+                task_start = after
+                pending = []
+        if pending:
+            j = _residue_start(pending, header["task"])
+            if j is not None and self._header is None:
+                out.extend(Unparsed(p) for p in pending[:j])
+                task_start, pending = pending[j:], []
+            elif j is not None:
+                event = self._event(pending[:j])
                 if event is not None:
                     out.append(event)
-                    return
-        if cur is None:
+                    self._header = None
+                    task_start, pending = pending[j:], []
+        if pending or self._header is not None:
+            self._resolve(pending, out)
+        self._header, self._header_line = header, line
+        self._task_start = "\n".join(task_start)
+
+    def _resolve(self, pending: list[str], out: list[Item]) -> None:
+        """Emit the current event with as many of the pending lines as continue its last
+        string; what is left over comes out as Unparsed."""
+        if self._header is None:
             out.extend(Unparsed(p) for p in pending)
             return
         for j in range(len(pending), -1, -1):
-            event = self._event(cur, cur_line, pending[:j])
+            event = self._event(pending[:j])
             if event is not None:
                 out.append(event)
                 out.extend(Unparsed(p) for p in pending[j:])
-                return
-        out.append(Unparsed("\n".join([cur_line, *pending])))
+                break
+        else:
+            out.append(Unparsed("\n".join([self._header_line, *pending])))
+        self._header = None
 
-    def _event(self, header: re.Match[str], line: str, more: Iterable[str]) -> Event | None:
+    def _event(self, more: list[str]) -> Event | None:
+        header = self._header
+        assert header is not None
         kind = self._kinds[header["event"]]
-        body = "\n".join([line[header.end() :], *more])
+        body = "\n".join([self._header_line[header.end() :], *more])
         m = kind.pattern.fullmatch(body)
         if m is None:
             return None
@@ -203,6 +232,9 @@ class Parser:
         for name, value in m.groupdict().items():
             base = kind.numeric.get(name)
             fields[name] = int(value, base) if base is not None and value is not None else value
+        task = header["task"]
+        if self._task_start:
+            task = f"{self._task_start}\n{task}"
         return Event(
             kind=kind.kind,
             compat=kind.compat,
@@ -210,6 +242,6 @@ class Parser:
             tgid=int(header["tgid"]) if header["tgid"] else None,
             cpu=int(header["cpu"]),
             ts_us=int(header["sec"]) * 1_000_000 + int(header["usec"]),
-            task=header["task"].lstrip(" "),
+            task=task.lstrip(" "),
             fields=fields,
         )

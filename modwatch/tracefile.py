@@ -6,29 +6,36 @@ definitions it came from, and the /proc facts read while the session ran.
     # probe: p:modwatch_123_ab12/mwab12_finit_module __x64_sys_finit_module fd=...
     # tracepoint: module/module_load
     <trace_pipe text, as read>
-    #mw-caller {"tid": 812, "ts_us": 2439966, "pid": 812, "uid": 0, "path": "/x.ko"}
+    #mw-caller-modwatch_123_ab12 {"tid": 812, "ts_us": 2439966, "pid": 812, ...}
 
-`#mw-caller` lines follow the text that holds the event they describe.
+`#mw-caller-GROUP` lines follow the text that holds the event they describe. The
+group's random part keeps a caller from forging one through its task name, which
+the trace text holds raw; the JSON is ASCII, with raw bytes of a path kept as
+surrogate escapes (backslash-udcXX), so that it reads back as it was.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import IO
-
-import orjson
 
 from modwatch.correlate import Caller
 from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.probes import ProbeSet, ProbeSpec, Tracepoint
 
 MAGIC = "# modwatch trace v1"
-CALLER = "#mw-caller "
+CALLER = "#mw-caller-"
+
+
+def caller_marker(group: str) -> str:
+    return f"{CALLER}{group} "
 
 
 class TraceWriter:
     def __init__(self, stream: IO[str], probe_set: ProbeSet, clock_offset_us: int) -> None:
         self.stream = stream
+        self.marker = caller_marker(probe_set.group)
         lines = [MAGIC, f"# clock-offset-us: {clock_offset_us}"]
         lines += [f"# probe: {p.definition()}" for p in probe_set.probes]
         lines += [f"# tracepoint: {t.system}/{t.event}" for t in probe_set.tracepoints]
@@ -39,7 +46,7 @@ class TraceWriter:
 
     def caller(self, tid: int, ts_us: int, facts: Caller) -> None:
         entry = {"tid": tid, "ts_us": ts_us, **facts._asdict()}
-        self.stream.write(CALLER + orjson.dumps(entry).decode() + "\n")
+        self.stream.write(self.marker + json.dumps(entry) + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
@@ -63,11 +70,14 @@ class SavedTrace:
                         ExitStatus.BAD_TRACE_FILE,
                     )
                 header = True
+                marker = None
                 for line in f:
                     header = header and line.startswith("# ")
                     if not header:
-                        if line.startswith(CALLER):
-                            entry = orjson.loads(line[len(CALLER) :])
+                        if marker is None:
+                            marker = caller_marker(probes[0].group if probes else "")
+                        if line.startswith(marker):
+                            entry = json.loads(line[len(marker) :])
                             self.callers[(entry["tid"], entry["ts_us"])] = Caller(
                                 entry["pid"], entry["uid"], entry["path"]
                             )
@@ -87,10 +97,11 @@ class SavedTrace:
                 f"modwatch: {path} is a damaged modwatch trace: {err}", ExitStatus.BAD_TRACE_FILE
             ) from err
         group = probes[0].group if probes else ""
+        self.marker = caller_marker(group)
         self.probe_set = ProbeSet(group, tuple(probes), tuple(tracepoints), ())
 
     def chunks(self, size: int = 1 << 16) -> Iterator[str]:
-        """The trace text without the header and the #mw-caller lines."""
+        """The trace text without the header and the caller lines."""
         with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
             in_header = True
             batch: list[str] = []
@@ -98,7 +109,7 @@ class SavedTrace:
                 if in_header and line.startswith("# "):
                     continue
                 in_header = False
-                if line.startswith(CALLER):
+                if line.startswith(self.marker):
                     continue
                 batch.append(line)
                 if len(batch) >= size // 64:

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,25 +22,30 @@ LOCKDOWN_PATH = "/sys/kernel/security/lockdown"
 DEFAULT_MOUNTPOINT = "/sys/kernel/tracing"
 
 
+def _unescape(field: bytes) -> str:
+    """/proc/mounts writes space, tab, newline and backslash in paths as octal escapes."""
+    raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+    return os.fsdecode(raw)
+
+
 def find_mount(mounts_path: str = PROC_MOUNTS) -> str | None:
     """The tracefs mount point: tracefs itself first (/sys/kernel/tracing preferred),
     else the `tracing` directory of a debugfs mount."""
     tracefs: list[str] = []
     debugfs: list[str] = []
     try:
-        with open(mounts_path, encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                # /proc/mounts escapes spaces in paths as \040.
-                point = fields[1].encode().decode("unicode_escape")
-                if fields[2] == "tracefs":
-                    tracefs.append(point)
-                elif fields[2] == "debugfs":
-                    debugfs.append(os.path.join(point, "tracing"))
+        with open(mounts_path, "rb") as f:
+            lines = f.read().splitlines()
     except OSError:
         return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        if fields[2] == b"tracefs":
+            tracefs.append(_unescape(fields[1]))
+        elif fields[2] == b"debugfs":
+            debugfs.append(os.path.join(_unescape(fields[1]), "tracing"))
     tracefs.sort(key=lambda p: p != DEFAULT_MOUNTPOINT)
     for point in tracefs + [d for d in debugfs if os.path.isdir(d)]:
         return point
@@ -184,7 +190,7 @@ class Tracefs:
         return list(self.lines("kprobe_events"))
 
     def has_group(self, group: str) -> bool:
-        return any(line[2:].startswith(group + "/") for line in self.probe_lines())
+        return group in self.groups(group)
 
     def groups(self, prefix: str) -> dict[str, list[str]]:
         """Probe groups whose name starts with `prefix`, with their `-:GROUP/EVENT` removals."""

@@ -1,0 +1,160 @@
+"""capture: replaying saved traces (the golden fixture), filters, stats, session names.
+
+Arming probes and reading trace_pipe need a kernel: tests/kernel covers them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modwatch import capture, output
+from modwatch.capture import Capture, Options
+from modwatch.correlate import Caller
+from modwatch.tracefile import TraceWriter
+
+from . import kernel_text as kt
+
+
+def fixture_records() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in kt.JSONL_FIXTURE.read_text().splitlines()]
+
+
+def replay(
+    path: Path | str = kt.TRACE_FIXTURE, **options: Any
+) -> tuple[list[dict[str, Any]], Capture]:
+    cap = Capture(Options(**options))
+    return list(cap.replay(str(path))), cap
+
+
+def test_replay_gives_exactly_the_records_of_live_capture() -> None:
+    records, cap = replay()
+    assert records == fixture_records()
+    assert b"".join(output.dumps(r) for r in records) == kt.JSONL_FIXTURE.read_bytes()
+    assert (cap.stats.unparsed, cap.stats.lost, cap.stats.unmatched) == (0, 0, 0)
+    assert cap.probe_set is not None and cap.probe_set.group == kt.GROUP
+
+
+def test_replay_failed_only() -> None:
+    records, _ = replay(failed_only=True)
+    assert records == [r for r in fixture_records() if r["ok"] is False]
+    assert [r["errno"] for r in records] == ["EEXIST", "EINVAL", "EPERM"]
+
+
+@pytest.mark.parametrize(("pid", "tids"), [(246, [246]), (250, [250]), (1, [])])
+def test_replay_pid(pid: int, tids: list[int]) -> None:
+    records, _ = replay(pid=pid)
+    assert [r["tid"] for r in records] == tids
+
+
+def test_replay_raw() -> None:
+    records, _ = replay(raw=True)
+    assert len(records) == 27
+    assert {r["type"] for r in records} == {"event"}
+    assert records[0] == {
+        "v": 1,
+        "type": "event",
+        "event": "finit_module",
+        "time": "2026-11-28T20:19:08.755577Z",
+        "cpu": 0,
+        "tid": 244,
+        "compat": False,
+        "args": {"fd": 3, "param_values": 0x55AAE7F7C2A0, "flags": 0, "comm": "insmod"},
+    }
+    assert records[4] == {
+        "v": 1,
+        "type": "event",
+        "event": "module_load",
+        "time": "2026-11-28T20:19:08.815203Z",
+        "cpu": 0,
+        "tid": 244,
+        "compat": False,
+        "args": {"name": "mwtest", "taints": "OE"},
+    }
+    assert [r["event"] for r in records[-2:]] == ["finit_module", "finit_module_ret"]
+
+
+def test_replay_raw_ignores_failed_only_but_not_pid() -> None:
+    assert len(replay(raw=True, failed_only=True)[0]) == 27
+    assert [r["event"] for r in replay(raw=True, pid=246)[0]] == [
+        "delete_module",
+        "find_module",
+        "module_free",
+        "delete_module_ret",
+    ]
+
+
+def write_trace(path: Path, text: str, callers: tuple[tuple[int, int, Caller], ...] = ()) -> None:
+    with open(path, "w") as stream:
+        writer = TraceWriter(stream, kt.probe_set(), 1_000_000_000_000_000)
+        writer.text(text)
+        for tid, ts, facts in callers:
+            writer.caller(tid, ts, facts)
+
+
+def test_replay_counts_unparsed_lost_and_unmatched(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    finit = {"fd": 3, "param_values": 1, "flags": 0, "comm": "insmod"}
+    write_trace(
+        path,
+        "stray text\n"
+        + kt.line("module_params", {"params": "console=ttyS0"}, task="swapper", tid=1, ts_us=5)
+        + kt.line("finit_module", finit, task="insmod", tid=9, ts_us=1_000_000)
+        + "CPU:1 [LOST 9 EVENTS]\n"
+        + kt.line("finit_module_ret", {"ret": 0}, task="insmod", tid=9, ts_us=2_000_000)
+        + kt.line("finit_module", finit, task="insmod", tid=10, ts_us=3_000_000),
+        ((9, 1_000_000, Caller(9, 0, "/m.ko")),),
+    )
+    records, cap = replay(path)
+    assert [(r["type"], r.get("tid"), r.get("ret"), r["time"]) for r in records] == [
+        ("lost", None, None, "2001-09-09T01:46:41.000000Z"),
+        ("load", 9, 0, "2001-09-09T01:46:41.000000Z"),
+        ("load", 10, None, "2001-09-09T01:46:43.000000Z"),
+    ]
+    assert records[1]["path"] == "/m.ko"
+    assert records[2]["path"] is None
+    assert cap.stats.unparsed == 1
+    assert cap.stats.unparsed_samples == ["stray text"]
+    assert cap.stats.lost == 9
+    assert cap.stats.unmatched == 1
+
+
+def test_replay_keeps_three_unparsed_samples(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    write_trace(path, "".join(f"junk {i}\n" for i in range(5)))
+    records, cap = replay(path)
+    assert records == []
+    assert cap.stats.unparsed == 5
+    assert cap.stats.unparsed_samples == ["junk 0", "junk 1", "junk 2"]
+
+
+@pytest.mark.parametrize(
+    ("name", "pid"),
+    [
+        ("modwatch_242_d864c37967", 242),
+        ("modwatch_1_a", 1),
+        ("modwatch_x_1", None),
+        ("modwatch_", None),
+        ("modwatch__1", None),
+        ("other_242_ab", None),
+        ("kprobes", None),
+    ],
+)
+def test_session_pid(name: str, pid: int | None) -> None:
+    assert capture._session_pid(name) == pid
+
+
+def test_owner_alive(tmp_path: Path) -> None:
+    (tmp_path / "242").mkdir()
+    (tmp_path / "242" / "cmdline").write_bytes(b"/usr/bin/python3\0-m\0modwatch\0capture\0")
+    (tmp_path / "243").mkdir()
+    (tmp_path / "243" / "cmdline").write_bytes(b"/usr/sbin/sshd\0-D\0")
+    (tmp_path / "244").mkdir()
+    (tmp_path / "244" / "cmdline").write_bytes(b"")  # a zombie
+    assert capture._owner_alive(242, str(tmp_path))
+    assert not capture._owner_alive(243, str(tmp_path))
+    assert not capture._owner_alive(244, str(tmp_path))
+    assert not capture._owner_alive(245, str(tmp_path))

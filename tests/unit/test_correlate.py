@@ -1,0 +1,509 @@
+"""correlate: events of one operation joined into one record, in RECORD_KEYS order."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modwatch import correlate
+from modwatch.correlate import RECORD_KEYS, Caller, Correlator, Record, TraceClock
+from modwatch.parser import Event, Lost
+
+OFFSET_US = 1_795_896_899_778_149  # the fixture's clock offset
+CLOCK = TraceClock(OFFSET_US)
+
+
+def ev(
+    kind: str,
+    tid: int,
+    ts_us: int,
+    *,
+    compat: bool = False,
+    tgid: int | None = None,
+    **fields: int | str | None,
+) -> Event:
+    return Event(kind, compat, tid, tgid, 0, ts_us, "task", dict(fields))
+
+
+class FakeEnricher:
+    """Answers like ProcEnricher and remembers what it was asked."""
+
+    def __init__(self, answers: dict[int, Caller] | None = None) -> None:
+        self.answers = answers or {}
+        self.asked: list[tuple[int, int, int | None]] = []
+
+    def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
+        self.asked.append((tid, ts_us, fd))
+        return self.answers.get(tid, Caller(None, None, None))
+
+
+def feed(correlator: Correlator, events: list[Event]) -> list[Record]:
+    records: list[Record] = []
+    for event in events:
+        records += correlator.event(event)
+    return records
+
+
+def finit(tid: int, ts: int, comm: str = "insmod", flags: int = 0, fd: int = 3) -> Event:
+    return ev("finit_module", tid, ts, fd=fd, param_values=0x55AAE7F7C2A0, flags=flags, comm=comm)
+
+
+def load_events(tid: int = 244) -> list[Event]:
+    return [
+        finit(tid, 248_977_428),
+        ev("load_module", tid, 248_992_439),
+        ev("find_module", tid, 248_994_174, name="mwtest"),
+        ev("module_params", tid, 249_029_286, params='note=hello "q" world'),
+        ev("module_load", tid, 249_037_054, name="mwtest", taints="OE"),
+        ev("do_init_module", tid, 249_037_317, name="mwtest"),
+        ev("do_init_module_ret", tid, 249_073_987, ret=0),
+        ev("finit_module_ret", tid, 249_074_633, ret=0),
+    ]
+
+
+def test_successful_load() -> None:
+    enricher = FakeEnricher({244: Caller(244, 0, "/lib/modules/mwtest.ko")})
+    correlator = Correlator(CLOCK, enricher)
+    records = feed(correlator, load_events())
+    assert records == [
+        {
+            "v": 1,
+            "type": "load",
+            "time": "2026-11-28T20:19:08.755577Z",
+            "syscall": "finit_module",
+            "module": "mwtest",
+            "path": "/lib/modules/mwtest.ko",
+            "params": 'note=hello "q" world',
+            "flags": [],
+            "flags_raw": 0,
+            "ret": 0,
+            "errno": None,
+            "ok": True,
+            "stage": None,
+            "init_ret": 0,
+            "taints": ["O", "E"],
+            "pid": 244,
+            "tid": 244,
+            "uid": 0,
+            "comm": "insmod",
+        }
+    ]
+    assert tuple(records[0]) == RECORD_KEYS
+    assert enricher.asked == [(244, 248_977_428, 3)]
+    assert correlator.open == {}
+    assert correlator.unmatched == 0
+
+
+def test_record_is_emitted_by_the_return_only() -> None:
+    correlator = Correlator(CLOCK)
+    events = load_events()
+    assert feed(correlator, events[:-1]) == []
+    assert len(correlator.event(events[-1])) == 1
+
+
+def test_duplicate_load_eexist_takes_the_name_from_find_module() -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            finit(245, 250_498_573),
+            ev("load_module", 245, 250_505_840),
+            ev("find_module", 245, 250_506_598, name="mwtest"),
+            ev("finit_module_ret", 245, 250_522_666, ret=-17),
+        ],
+    )
+    assert len(records) == 1
+    rec = records[0]
+    assert (rec["module"], rec["ret"], rec["errno"], rec["ok"], rec["stage"]) == (
+        "mwtest",
+        -17,
+        "EEXIST",
+        False,
+        "load",
+    )
+    assert (rec["init_ret"], rec["taints"], rec["params"], rec["pid"], rec["uid"]) == (
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_init_failure() -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            finit(247, 252_085_280),
+            ev("load_module", 247, 252_095_983),
+            ev("find_module", 247, 252_101_011, name="mwtest"),
+            ev("module_params", 247, 252_167_856, params="fail=22"),
+            ev("module_load", 247, 252_172_681, name="mwtest", taints="OE"),
+            ev("do_init_module", 247, 252_172_761, name="mwtest"),
+            ev("module_free", 247, 252_237_330, name="mwtest"),
+            ev("do_init_module_ret", 247, 252_286_628, ret=-22),
+            ev("finit_module_ret", 247, 252_297_087, ret=-22),
+        ],
+    )
+    rec = records[0]
+    assert len(records) == 1
+    assert (rec["stage"], rec["init_ret"], rec["ret"], rec["errno"], rec["ok"]) == (
+        "init",
+        -22,
+        -22,
+        "EINVAL",
+        False,
+    )
+    assert (rec["module"], rec["params"], rec["taints"]) == ("mwtest", "fail=22", ["O", "E"])
+
+
+def test_unprivileged_eperm_is_the_permission_stage() -> None:
+    enricher = FakeEnricher({250: Caller(250, 65534, None)})
+    records = feed(
+        Correlator(CLOCK, enricher),
+        [finit(250, 256_978_274), ev("finit_module_ret", 250, 256_984_255, ret=-1)],
+    )
+    rec = records[0]
+    assert (rec["stage"], rec["errno"], rec["module"], rec["uid"], rec["pid"]) == (
+        "permission",
+        "EPERM",
+        None,
+        65534,
+        250,
+    )
+
+
+def test_eperm_after_the_permission_check_is_a_load_failure() -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            finit(251, 1),
+            ev("load_module", 251, 2),
+            ev("finit_module_ret", 251, 3, ret=-1),
+        ],
+    )
+    assert records[0]["stage"] == "load"
+
+
+def test_init_returning_eperm_is_the_init_stage() -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            finit(252, 1),
+            ev("do_init_module", 252, 2, name="m"),
+            ev("do_init_module_ret", 252, 3, ret=-1),
+            ev("finit_module_ret", 252, 4, ret=-1),
+        ],
+    )
+    assert (records[0]["stage"], records[0]["init_ret"]) == ("init", -1)
+
+
+def test_delete_module_ok() -> None:
+    enricher = FakeEnricher({246: Caller(246, 0, None)})
+    records = feed(
+        Correlator(CLOCK, enricher),
+        [
+            ev("delete_module", 246, 251_185_064, name=0x55A420898A48, flags=0x800, comm="rmmod"),
+            ev("find_module", 246, 251_185_509, name="mwtest"),
+            ev("module_free", 246, 251_187_060, name="mwtest"),
+            ev("delete_module_ret", 246, 251_225_023, ret=0),
+        ],
+    )
+    assert records == [
+        {
+            "v": 1,
+            "type": "unload",
+            "time": "2026-11-28T20:19:10.963213Z",
+            "syscall": "delete_module",
+            "module": "mwtest",
+            "path": None,
+            "params": None,
+            "flags": ["O_NONBLOCK"],
+            "flags_raw": 0x800,
+            "ret": 0,
+            "errno": None,
+            "ok": True,
+            "stage": None,
+            "init_ret": None,
+            "taints": None,
+            "pid": 246,
+            "tid": 246,
+            "uid": 0,
+            "comm": "rmmod",
+        }
+    ]
+    # delete_module has no fd: nothing to resolve.
+    assert enricher.asked == [(246, 251_185_064, None)]
+
+
+def test_delete_module_enoent() -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            ev("delete_module", 260, 5, name=0x1000, flags=0xA00, comm="rmmod"),
+            ev("find_module", 260, 6, name="nosuch"),
+            ev("delete_module_ret", 260, 7, ret=-2),
+        ],
+    )
+    rec = records[0]
+    assert (rec["module"], rec["errno"], rec["stage"], rec["flags"], rec["flags_raw"]) == (
+        "nosuch",
+        "ENOENT",
+        "unload",
+        ["O_NONBLOCK", "O_TRUNC"],
+        0xA00,
+    )
+
+
+def test_module_free_names_an_unload_without_find_module() -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            ev("delete_module", 261, 5, name=0x1000, flags=0x800, comm="rmmod"),
+            ev("module_free", 261, 6, name="gone"),
+            ev("delete_module_ret", 261, 7, ret=0),
+        ],
+    )
+    assert records[0]["module"] == "gone"
+
+
+def test_init_module_has_no_fd_and_no_flags() -> None:
+    enricher = FakeEnricher()
+    records = feed(
+        Correlator(CLOCK, enricher),
+        [
+            ev("init_module", 270, 1, module_image=0x7F00, len=4096, param_values=0x1, comm="kmod"),
+            ev("init_module_ret", 270, 2, ret=-8),
+        ],
+    )
+    rec = records[0]
+    assert (rec["syscall"], rec["type"], rec["flags"], rec["flags_raw"], rec["errno"]) == (
+        "init_module",
+        "load",
+        None,
+        None,
+        "ENOEXEC",
+    )
+    assert enricher.asked == [(270, 1, None)]
+
+
+def test_compat_events_make_the_same_record() -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            ev("finit_module", 280, 1, compat=True, fd=4, param_values=0x8000, flags=2, comm="i32"),
+            ev("finit_module_ret", 280, 2, compat=True, ret=0),
+        ],
+    )
+    rec = records[0]
+    assert (rec["syscall"], rec["flags"], rec["ok"], rec["comm"]) == (
+        "finit_module",
+        ["MODULE_INIT_IGNORE_VERMAGIC"],
+        True,
+        "i32",
+    )
+
+
+def test_tgid_of_the_prefix_is_the_pid_when_proc_knows_nothing() -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            ev("finit_module", 301, 1, tgid=300, fd=3, param_values=0, flags=0, comm="t"),
+            ev("finit_module_ret", 301, 2, ret=0),
+        ],
+    )
+    assert (records[0]["pid"], records[0]["tid"]) == (300, 301)
+
+
+def test_proc_pid_wins_over_the_prefix_tgid() -> None:
+    enricher = FakeEnricher({301: Caller(299, 0, None)})
+    records = feed(
+        Correlator(CLOCK, enricher),
+        [
+            ev("finit_module", 301, 1, tgid=300, fd=3, param_values=0, flags=0, comm="t"),
+            ev("finit_module_ret", 301, 2, ret=0),
+        ],
+    )
+    assert records[0]["pid"] == 299
+
+
+def test_return_without_entry() -> None:
+    correlator = Correlator(CLOCK)
+    records = correlator.event(ev("finit_module_ret", 290, 1_000_000, ret=-17))
+    assert records == [
+        {
+            "v": 1,
+            "type": "load",
+            "time": CLOCK.iso(1_000_000),
+            "syscall": "finit_module",
+            "module": None,
+            "path": None,
+            "params": None,
+            "flags": None,
+            "flags_raw": None,
+            "ret": -17,
+            "errno": "EEXIST",
+            "ok": False,
+            "stage": "load",
+            "init_ret": None,
+            "taints": None,
+            "pid": None,
+            "tid": 290,
+            "uid": None,
+            "comm": None,
+        }
+    ]
+
+
+def test_entry_without_return_is_emitted_by_finish() -> None:
+    correlator = Correlator(CLOCK)
+    assert feed(correlator, load_events()[:-1]) == []
+    records = correlator.finish()
+    assert len(records) == 1
+    rec = records[0]
+    assert tuple(rec) == RECORD_KEYS
+    assert (rec["ret"], rec["ok"], rec["errno"], rec["stage"]) == (None, None, None, None)
+    assert (rec["module"], rec["init_ret"], rec["taints"]) == ("mwtest", 0, ["O", "E"])
+    assert correlator.finish() == []
+
+
+def test_a_second_entry_on_the_same_thread_closes_the_first() -> None:
+    correlator = Correlator(CLOCK)
+    first = correlator.event(finit(300, 1, comm="first"))
+    second = correlator.event(finit(300, 2, comm="second"))
+    assert first == []
+    assert [(r["comm"], r["ret"]) for r in second] == [("first", None)]
+    done = correlator.event(ev("finit_module_ret", 300, 3, ret=0))
+    assert [(r["comm"], r["ret"]) for r in done] == [("second", 0)]
+
+
+def test_return_of_another_syscall_closes_the_open_one() -> None:
+    correlator = Correlator(CLOCK)
+    correlator.event(finit(300, 1))
+    records = correlator.event(ev("delete_module_ret", 300, 2, ret=-2))
+    assert [(r["syscall"], r["ret"], r["comm"]) for r in records] == [
+        ("finit_module", None, "insmod"),
+        ("delete_module", -2, None),
+    ]
+
+
+def test_two_threads_interleaved() -> None:
+    a, b = (
+        load_events(400),
+        [
+            ev("finit_module", 401, 248_977_500, fd=5, param_values=1, flags=0, comm="other"),
+            ev("load_module", 401, 248_992_500),
+            ev("find_module", 401, 248_994_500, name="mwtest"),
+            ev("finit_module_ret", 401, 249_000_000, ret=-17),
+        ],
+    )
+    merged = sorted(a + b, key=lambda e: e.ts_us)
+    records = feed(Correlator(CLOCK), merged)
+    assert [(r["tid"], r["comm"], r["ret"], r["stage"], r["params"]) for r in records] == [
+        (401, "other", -17, "load", None),
+        (400, "insmod", 0, None, 'note=hello "q" world'),
+    ]
+
+
+def test_kernel_side_events_outside_an_operation_are_counted() -> None:
+    correlator = Correlator(CLOCK)
+    assert correlator.event(ev("module_params", 1, 5, params="console=ttyS0")) == []
+    assert correlator.event(ev("module_free", 2, 6, name="x")) == []
+    assert correlator.unmatched == 2
+
+
+def test_lost_record() -> None:
+    correlator = Correlator(CLOCK)
+    assert correlator.lost(Lost(1, 12)) == {
+        "v": 1,
+        "type": "lost",
+        "time": None,
+        "cpu": 1,
+        "count": 12,
+    }
+    correlator.event(finit(300, 248_977_428))
+    assert correlator.lost(Lost(0, 3)) == {
+        "v": 1,
+        "type": "lost",
+        "time": "2026-11-28T20:19:08.755577Z",
+        "cpu": 0,
+        "count": 3,
+    }
+
+
+def test_max_open_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(correlate, "MAX_OPEN", 2)
+    correlator = Correlator(CLOCK)
+    assert correlator.event(finit(1, 10, comm="one")) == []
+    assert correlator.event(finit(2, 11, comm="two")) == []
+    evicted = correlator.event(finit(3, 12, comm="three"))
+    assert [(r["tid"], r["comm"], r["ret"]) for r in evicted] == [(1, "one", None)]
+    assert list(correlator.open) == [2, 3]
+    late = correlator.event(ev("finit_module_ret", 1, 13, ret=0))
+    assert [(r["tid"], r["comm"], r["ret"]) for r in late] == [(1, None, 0)]
+
+
+# -- flags and clock --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (0, []),
+        (1, ["MODULE_INIT_IGNORE_MODVERSIONS"]),
+        (
+            1 | 2 | 4,
+            [
+                "MODULE_INIT_IGNORE_MODVERSIONS",
+                "MODULE_INIT_IGNORE_VERMAGIC",
+                "MODULE_INIT_COMPRESSED_FILE",
+            ],
+        ),
+        (0x8, ["0x8"]),
+        (0x80000002, ["MODULE_INIT_IGNORE_VERMAGIC", "0x80000000"]),
+    ],
+)
+def test_load_flags_in_records(flags: int, names: list[str]) -> None:
+    records = feed(
+        Correlator(CLOCK), [finit(5, 1, flags=flags), ev("finit_module_ret", 5, 2, ret=-22)]
+    )
+    assert (records[0]["flags"], records[0]["flags_raw"]) == (names, flags)
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [(0x800, ["O_NONBLOCK"]), (0x200, ["O_TRUNC"]), (0, []), (0x801, ["O_NONBLOCK", "0x1"])],
+)
+def test_unload_flags_in_records(flags: int, names: list[str]) -> None:
+    records = feed(
+        Correlator(CLOCK),
+        [
+            ev("delete_module", 5, 1, name=0x10, flags=flags, comm="rmmod"),
+            ev("delete_module_ret", 5, 2, ret=0),
+        ],
+    )
+    assert records[0]["flags"] == names
+
+
+@pytest.mark.parametrize(
+    ("offset", "ts", "iso"),
+    [
+        (0, 0, "1970-01-01T00:00:00.000000Z"),
+        (0, 1, "1970-01-01T00:00:00.000001Z"),
+        (OFFSET_US, 248_977_428, "2026-11-28T20:19:08.755577Z"),
+        (1_700_000_000_000_000, 999_999, "2023-11-14T22:13:20.999999Z"),
+        (1_700_000_000_000_000, 1_000_000, "2023-11-14T22:13:21.000000Z"),
+    ],
+)
+def test_trace_clock_iso(offset: int, ts: int, iso: str) -> None:
+    assert TraceClock(offset).iso(ts) == iso
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 4_102_444_800_000_000 - 1))  # 1970 .. 2100
+def test_trace_clock_iso_is_exact_to_the_microsecond(wall_us: int) -> None:
+    offset = wall_us // 2
+    expected = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=wall_us)
+    assert TraceClock(offset).iso(wall_us - offset) == expected.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

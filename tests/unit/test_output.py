@@ -1,0 +1,219 @@
+"""output: JSON Lines and the table, both safe whatever bytes a name holds."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+
+from modwatch import output
+from modwatch.correlate import RECORD_KEYS
+from modwatch.output import JsonlWriter, TableWriter
+
+from . import kernel_text as kt
+
+
+def fixture_records() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in kt.JSONL_FIXTURE.read_text().splitlines()]
+
+
+def record(**changes: Any) -> dict[str, Any]:
+    base = fixture_records()[0]
+    assert tuple(base) == RECORD_KEYS
+    return {**base, **changes}
+
+
+# -- JSON Lines -------------------------------------------------------------------------
+
+
+def test_jsonl_is_the_fixture_byte_for_byte() -> None:
+    stream = io.BytesIO()
+    writer = JsonlWriter(stream)
+    for rec in fixture_records():
+        writer.write(rec)
+    writer.close()
+    assert stream.getvalue() == kt.JSONL_FIXTURE.read_bytes()
+
+
+def test_one_line_per_record_even_with_newlines_in_strings() -> None:
+    line = output.dumps(record(comm="a\nb", params='x="1\n2"'))
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert json.loads(line)["comm"] == "a\nb"
+
+
+def test_surrogate_escaped_bytes_become_valid_utf8() -> None:
+    raw = b"mw\xfftest\xc3".decode("utf-8", "surrogateescape")
+    rec = record(
+        comm=raw,
+        params="é=\udc80",
+        taints=["O", "\udcfe"],
+    )
+    line = output.dumps(rec)
+    text = line.decode("utf-8")  # strict: raises if not valid UTF-8
+    back = json.loads(text)
+    assert back["comm"] == "mw\\xfftest\\xc3"
+    assert back["params"] == "é=\\x80"
+    assert back["taints"] == ["O", "\\xfe"]
+    assert list(back) == list(RECORD_KEYS)
+    assert back["module"] == "mwtest"
+
+
+def test_raw_event_args_with_surrogates() -> None:
+    rec = {"v": 1, "type": "event", "args": {"comm": "\udcff", "fd": 3}}
+    assert json.loads(output.dumps(rec)) == {
+        "v": 1,
+        "type": "event",
+        "args": {"comm": "\\xff", "fd": 3},
+    }
+
+
+def test_valid_non_ascii_is_kept_as_is() -> None:
+    assert json.loads(output.dumps(record(comm="naïve€")))["comm"] == "naïve€"
+
+
+# -- table ------------------------------------------------------------------------------
+
+HEADER = (
+    "TIME            PID     COMM            CALL   MODULE          RESULT       "
+    "PARAMS         PATH\n"
+)
+
+
+def table(*records: dict[str, Any]) -> str:
+    stream = io.StringIO()
+    writer = TableWriter(stream, utc=True)
+    for rec in records:
+        writer.write(rec)
+    writer.close()
+    return stream.getvalue()
+
+
+def test_table_of_the_fixture() -> None:
+    assert table(*fixture_records()) == HEADER + (
+        "20:19:08.755577 244     insmod          finit  mwtest          ok           "
+        'note=hello "q~ /run/modwatch-testbed/modules/mwtest.ko\n'
+        "20:19:10.276722 245     insmod          finit  mwtest          EEXIST       "
+        "-              /run/modwatch-testbed/modules/mwtest.ko\n"
+        "20:19:10.963213 246     rmmod           delete mwtest          ok           "
+        "-              -\n"
+        "20:19:11.863429 247     insmod          finit  mwtest          EINVAL init  "
+        "fail=22        /run/modwatch-testbed/modules/mwtest.ko\n"
+        "20:19:16.756423 250     insmod          finit  -               EPERM        "
+        "-              -\n"
+    )
+
+
+def test_table_header_alone() -> None:
+    assert table() == HEADER
+
+
+def test_table_width_before_path() -> None:
+    text = table(
+        record(
+            comm="c" * 15,
+            module="m" * 56,
+            params="p" * 200,
+            pid=4_194_304,
+            ret=-4095,
+            errno=None,
+            ok=False,
+            stage="init",
+            init_ret=-4095,
+            path="/" + "x" * 300,
+        )
+    )
+    line = text.splitlines()[1]
+    before_path = line[: line.index(" /xxx") + 1]
+    assert len(before_path) < 100
+    assert len(before_path) == HEADER.index("PATH") == 91
+    assert line.endswith("x" * 300)
+
+
+def test_table_escapes_control_characters() -> None:
+    text = table(
+        record(
+            comm="a\nb\x1b[2J",
+            module="m\tx",
+            params="p\r\x7f\x9b",
+            path="/tmp/evil\n\x1b]0;title\x07.ko",
+        )
+    )
+    lines = text.split("\n")
+    assert len(lines) == 3 and lines[2] == ""
+    row = lines[1]
+    assert "\x1b" not in row and "\r" not in row and "\t" not in row and "\x07" not in row
+    assert "a\\nb\\x1b[2J" in row
+    assert "m\\tx" in row
+    assert "p\\r\\x7f\\x9b" in row
+    assert row.endswith(" /tmp/evil\\n\\x1b]0;title\\x07.ko")
+
+
+def test_table_escapes_raw_bytes() -> None:
+    row = table(record(comm="\udcff\udcfe", path="/m\udc80.ko")).splitlines()[1]
+    assert row.encode("utf-8")  # writable as strict UTF-8
+    assert "\\xff\\xfe" in row
+    assert row.endswith(" /m\\x80.ko")
+
+
+def test_table_clips_long_cells() -> None:
+    row = table(record(module="a_very_long_module_name")).splitlines()[1]
+    assert " a_very_long_mo~ " in row
+
+
+@pytest.mark.parametrize(
+    ("changes", "result"),
+    [
+        ({"ret": None, "ok": None, "errno": None, "stage": None}, "?"),
+        ({"ret": 0, "ok": True}, "ok"),
+        ({"ret": -17, "ok": False, "errno": "EEXIST", "stage": "load"}, "EEXIST"),
+        (
+            {"ret": -22, "ok": False, "errno": "EINVAL", "stage": "init", "init_ret": -22},
+            "EINVAL init",
+        ),
+        ({"ret": -22, "ok": False, "errno": "EINVAL", "stage": "init", "init_ret": None}, "EINVAL"),
+        ({"ret": -4095, "ok": False, "errno": None, "stage": "load"}, "-4095"),
+    ],
+)
+def test_result_text(changes: dict[str, Any], result: str) -> None:
+    assert output.result_text(record(**changes)) == result
+
+
+def test_table_pid_falls_back_to_tid_and_missing_cells_are_dashes() -> None:
+    row = table(record(pid=None, tid=77, comm=None, module=None, params=None, path=None))
+    assert row.splitlines()[1] == (
+        "20:19:08.755577 77      -               finit  -               ok           "
+        "-              -"
+    )
+
+
+def test_table_lost_record() -> None:
+    rec = {"v": 1, "type": "lost", "time": "2026-11-28T20:19:08.755577Z", "cpu": 1, "count": 12}
+    assert table(rec).splitlines()[1] == "20:19:08.755577 LOST 12 events on CPU 1"
+    rec["time"] = None
+    assert table(rec).splitlines()[1] == "-               LOST 12 events on CPU 1"
+
+
+def test_table_raw_event() -> None:
+    rec = {
+        "v": 1,
+        "type": "event",
+        "event": "finit_module",
+        "time": "2026-11-28T20:19:08.755577Z",
+        "cpu": 0,
+        "tid": 244,
+        "compat": False,
+        "args": {"fd": 3, "comm": "in\x1bsmod\n"},
+    }
+    assert (
+        table(rec).splitlines()[1]
+        == "20:19:08.755577 244     finit_module fd=3 comm=in\\x1bsmod\\n"
+    )
+
+
+def test_printable() -> None:
+    assert output.printable("ok é €") == "ok é €"
+    assert output.printable("\x00\x1f\x7f\x85\x9f") == "\\x00\\x1f\\x7f\\x85\\x9f"
+    assert output.printable("\n\t\r") == "\\n\\t\\r"
