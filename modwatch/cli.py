@@ -60,7 +60,7 @@ def capture_command(
     command: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="[-- COMMAND ...]",
+            metavar="-- COMMAND",
             help="Arm the probes, run COMMAND, stop when it exits (after reading what it "
             "caused), and exit with its status.",
             show_default=False,

@@ -17,8 +17,8 @@ from modwatch.errors import ExitStatus, ModwatchError
 
 GROUP_PREFIX = "modwatch_"
 
-# Offset of `name` in struct module (after `state` and `list`): stable on 64-bit
-# kernels from 4.x to 6.18 unless built with randstruct.
+# Offset of `name` in struct module (after `state` and `list`) on 64-bit kernels from
+# 4.x to 6.18 unless built with randstruct; used only when the kernel has no BTF.
 MODULE_NAME_OFFSET = 24
 
 
@@ -194,9 +194,11 @@ def build_probe_set(
     arch: Arch,
     lookup: SymbolLookup,
     tracepoints_available: Callable[[str, str], bool],
+    offset: Callable[[str], int | None] = lambda path: None,
 ) -> ProbeSet:
     """Choose symbols and build the probe set, or raise ModwatchError if the kernel lacks
-    a required symbol. `lookup` and `tracepoints_available` describe the running kernel."""
+    a required symbol. `lookup`, `tracepoints_available` and `offset` (a struct member's
+    byte offset from BTF, or None) describe the running kernel."""
     token = group.rsplit("_", 1)[-1]
     probes: list[ProbeSpec] = []
     choices: list[str] = []
@@ -242,6 +244,12 @@ def build_probe_set(
             )
 
     a1, a2 = arch.func_args[0], arch.func_args[1]
+    name_offset = offset("module.name")
+    if name_offset is None:
+        name_offset = MODULE_NAME_OFFSET
+        choices.append(f"module.name: no BTF, assumed at offset {name_offset}")
+    else:
+        choices.append(f"module.name: offset {name_offset} (BTF)")
     optional = (
         # load_module is reached only once the permission check has passed: a failure
         # after it is a failed load, not a refusal.
@@ -270,7 +278,7 @@ def build_probe_set(
             "do_init_module",
             "do_init_module",
             False,
-            (FetchArg("name", f"+{MODULE_NAME_OFFSET}({a1})", "string"),),
+            (FetchArg("name", f"+{name_offset}({a1})", "string"),),
             "whether the module's init ran",
         ),
         (
