@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -343,3 +344,16 @@ def test_main_replay_ok_exits_0(
     shutil.copy(FIXTURE, copy)
     code, out, err = run_main(monkeypatch, capsys, "capture", "--replay", str(copy))
     assert (code, out, err) == (0, JSONL, "")
+
+
+def test_the_module_entry_point_runs() -> None:
+    # The kernel tests run the CLI in forked children; this is the `python -m` path.
+    proc = subprocess.run(
+        [sys.executable, "-m", "modwatch", "capture", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    assert "--dry-run" in proc.stdout and "-- COMMAND" in proc.stdout
+    assert proc.stderr == ""
