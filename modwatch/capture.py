@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, Any
 
-from modwatch import btf, tracefs
+from modwatch import tracefs
 from modwatch.correlate import Correlator, Enricher, Record, TraceClock
 from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.parser import Event, Lost, Parser, Unparsed
@@ -146,20 +146,10 @@ def plan(fs: tracefs.Tracefs, group: str) -> ProbeSet:
             kallsyms = tracefs.kallsyms_text_symbols()
         return "/proc/kallsyms" if symbol in kallsyms else None
 
-    try:
-        types: btf.BTF | None = btf.BTF.load()
-    except btf.BTFError:
-        types = None
-
-    def offset(path: str) -> int | None:
-        if types is None:
-            return None
-        try:
-            return types.offset(path)
-        except btf.BTFError:
-            return None
-
-    return build_probe_set(group, current_arch(), lookup, fs.has_tracepoint, offset)
+    # modwatch.btf can read struct offsets, but parsing all of vmlinux's BTF costs
+    # seconds of start-up (minutes under emulation); it waits for an index that reads
+    # only the structs it needs. Until then struct module's name is at its stable offset.
+    return build_probe_set(group, current_arch(), lookup, fs.has_tracepoint)
 
 
 def plan_offline(group: str) -> tuple[ProbeSet, str | None]:

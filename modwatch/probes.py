@@ -247,7 +247,7 @@ def build_probe_set(
     name_offset = offset("module.name")
     if name_offset is None:
         name_offset = MODULE_NAME_OFFSET
-        choices.append(f"module.name: no BTF, assumed at offset {name_offset}")
+        choices.append(f"module.name: offset {name_offset}, not read from BTF")
     else:
         choices.append(f"module.name: offset {name_offset} (BTF)")
     optional = (
