@@ -1,0 +1,21 @@
+"""Kernel tests (marker `kernel`) run only inside a guest kernel booted by scripts/testbed.py.
+
+The host kernel has no kprobe events and no module support, and the tests need root: the
+test bed boots each guest kernel, sets MODWATCH_IN_GUEST=1 there and runs `pytest -m kernel`.
+Anywhere else they are skipped. Mark a kernel test module with `pytestmark = pytest.mark.kernel`.
+"""
+
+import os
+
+import pytest
+
+IN_GUEST = os.environ.get("MODWATCH_IN_GUEST") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_GUEST:
+        return
+    skip = pytest.mark.skip(reason="needs the guest kernel: run make test-kernel")
+    for item in items:
+        if "kernel" in item.keywords:
+            item.add_marker(skip)
