@@ -1,0 +1,106 @@
+// SPDX-License-Identifier: MIT
+/*
+ * mwload: a module loader for modwatch's kernel tests. It calls finit_module,
+ * init_module and delete_module directly (exact errno, chosen task name, chosen
+ * uid) and prints one JSON line per call on stderr (stdout may be the record
+ * stream of the capture that runs it). C rather than Python: an interpreter
+ * start costs seconds in an emulated guest.
+ *
+ *   mwload [--comm NAME] [--uid UID] OP...
+ *   OP: finit PATH PARAMS | init PATH PARAMS | delete NAME | sleep MS
+ *
+ * Exit status: 0 if every call returned 0, else 1; 2 for a usage error.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static long report(const char *op, long ret)
+{
+	fprintf(stderr, "{\"op\": \"%s\", \"pid\": %d, \"ret\": %ld, \"errno\": %d}\n", op,
+		getpid(), ret, ret < 0 ? errno : 0);
+	return ret;
+}
+
+static long do_finit(const char *path, const char *params)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	long ret;
+
+	if (fd < 0) {
+		perror(path);
+		exit(2);
+	}
+	ret = syscall(SYS_finit_module, fd, params, 0);
+	report("finit", ret);
+	close(fd);
+	return ret;
+}
+
+static long do_init(const char *path, const char *params)
+{
+	struct stat st;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	char *image;
+	long ret;
+
+	if (fd < 0 || fstat(fd, &st) < 0 || !(image = malloc(st.st_size)) ||
+	    read(fd, image, st.st_size) != st.st_size) {
+		perror(path);
+		exit(2);
+	}
+	close(fd);
+	ret = report("init", syscall(SYS_init_module, image, (unsigned long)st.st_size, params));
+	free(image);
+	return ret;
+}
+
+int main(int argc, char **argv)
+{
+	int i = 1, failures = 0;
+
+	if (i + 1 < argc && !strcmp(argv[i], "--comm")) {
+		prctl(PR_SET_NAME, argv[i + 1], 0, 0, 0);
+		i += 2;
+	}
+	if (i + 1 < argc && !strcmp(argv[i], "--uid")) {
+		uid_t uid = (uid_t)atoi(argv[i + 1]);
+
+		if (setgid(uid) || setuid(uid)) {
+			perror("setuid");
+			return 2;
+		}
+		i += 2;
+	}
+	while (i < argc) {
+		const char *op = argv[i++];
+
+		if (!strcmp(op, "finit") && i + 1 < argc) {
+			failures += do_finit(argv[i], argv[i + 1]) != 0;
+			i += 2;
+		} else if (!strcmp(op, "init") && i + 1 < argc) {
+			failures += do_init(argv[i], argv[i + 1]) != 0;
+			i += 2;
+		} else if (!strcmp(op, "delete") && i < argc) {
+			failures += report("delete", syscall(SYS_delete_module, argv[i], O_NONBLOCK)) != 0;
+			i += 1;
+		} else if (!strcmp(op, "sleep") && i < argc) {
+			struct timespec ts = { atoi(argv[i]) / 1000, (atoi(argv[i]) % 1000) * 1000000L };
+
+			nanosleep(&ts, NULL);
+			i += 1;
+		} else {
+			fprintf(stderr, "mwload: bad operation '%s'\n", op);
+			return 2;
+		}
+	}
+	return failures ? 1 : 0;
+}

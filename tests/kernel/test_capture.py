@@ -1,0 +1,524 @@
+"""`modwatch capture` against the real kernel: records, security, teardown, errors.
+
+Most cases share one capture session (a Python start costs seconds in an emulated
+guest): one scripted run of loads and unloads whose records the tests below
+check one by one. The command-line tests run modwatch as a process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+from typer.testing import CliRunner
+
+from modwatch import cli
+from modwatch import tracefs as tracefs_mod
+from modwatch.capture import Capture, Options
+from modwatch.errors import ExitStatus, ModwatchError
+
+pytestmark = pytest.mark.kernel
+
+TRACEFS = Path("/sys/kernel/tracing")
+COMM = 'my "ld" r'  # chosen by the caller: spaces and quotes
+PARAMS = "note=\"hello world\" fail=0 x='it''s'"
+# Everything an unprivileged caller controls: its task name (15 bytes at most) and the
+# strings it passes, here with quotes, newlines and whole fake event lines.
+EVIL_COMM = 'e"v\nCPU:0 [L'
+EVIL = (
+    '"\n           insmod-1     [000] .....   1.000000: module_load: evil OE\n'
+    "CPU:0 [LOST 99 EVENTS]\n"
+    '          insmod-1 [000] ..... 1.0: finit_module_ret: (x <- y) ret=0 name="'
+)
+
+Record = dict[str, Any]
+
+
+def leftovers() -> set[str]:
+    """modwatch probe groups and instances that exist right now."""
+    groups = {
+        line.split(":", 1)[1].split("/", 1)[0]
+        for line in (TRACEFS / "kprobe_events").read_text().splitlines()
+        if ":modwatch_" in line.split(" ", 1)[0]
+    }
+    instances = {n for n in os.listdir(TRACEFS / "instances") if n.startswith("modwatch_")}
+    return {f"group {g}" for g in groups} | {f"instance {i}" for i in instances}
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(tracefs: Path) -> Iterator[None]:
+    yield
+    for child in CHILDREN:  # a failed test may leave its sessions running
+        if child.status is None:
+            child.kill()
+            child.wait()
+    CHILDREN.clear()
+    left = leftovers()
+    if left:
+        # Clean up so that one failure does not fail every test after it.
+        fs = tracefs_mod.Tracefs(str(tracefs))
+        for name in [i.split()[1] for i in left if i.startswith("instance")]:
+            fs.remove_instance(name)
+        for group, removals in fs.groups("modwatch_").items():
+            for removal in removals:
+                fs.remove_probe(removal, group)
+    assert left == set(), "modwatch state was left behind"
+
+
+@pytest.fixture(scope="session")
+def mwload(module_dir: Path) -> str:
+    """The C loader (tests/kernel/mwload.c), built on the host by the test bed."""
+    binary = module_dir / "mwload"
+    assert binary.exists(), f"{binary} is missing: the test bed builds it with the modules"
+    return str(binary)
+
+
+class Session(NamedTuple):
+    records: list[Record]
+    capture: Capture
+    trace: Path
+    foreign_probe_kept: bool
+
+
+def script(tmp: Path, *commands: list[str]) -> list[str]:
+    path = tmp / "scenario.sh"
+    path.write_text("\n".join(shlex.join(c) for c in commands) + "\n")
+    return ["sh", str(path)]
+
+
+@pytest.fixture(scope="module")
+def session(
+    tmp_path_factory: pytest.TempPathFactory,
+    tracefs: Path,
+    mwload: str,
+    mwtest_ko: Path,
+    mwtest_b_ko: Path,
+) -> Session:
+    tmp = tmp_path_factory.mktemp("session")
+    ko, ko_b = str(mwtest_ko), str(mwtest_b_ko)
+    fs = tracefs_mod.Tracefs(str(tracefs))
+    fs.add_probe("p:foreign_mwtest/fprobe do_init_module")
+    try:
+        first = ["finit", ko, PARAMS, "finit", ko, "note=again", "delete", "mwtest"]
+        first += ["init", ko, "note=mem", "delete", "mwtest"]
+        first += ["finit", ko, "fail=22", "delete", "mw_not_loaded"]
+        # The caller stays alive a moment: uid and pid are read from /proc for now.
+        evil = ["finit", "/dev/null", EVIL, "delete", EVIL, "init", "/dev/null", EVIL]
+        evil += ["sleep", "3000"]
+        # Two loaders at once, each init sleeping so that both are in flight.
+        both = f"{mwload} finit {ko} delay_ms=300 & {mwload} finit {ko_b} 'delay_ms=300 note=b'"
+        command = script(
+            tmp,
+            [mwload, "--comm", COMM, *first],
+            [mwload, "--comm", EVIL_COMM, "--uid", "65534", *evil],
+            ["insmod", ko, 'note="a b"'],
+            ["rmmod", "mwtest"],
+            ["sh", "-c", both + " & wait"],
+            [mwload, "delete", "mwtest", "delete", "mwtest_b"],
+        )
+        trace = tmp / "session.trace"
+        with open(trace, "w", encoding="utf-8", errors="surrogateescape") as saved:
+            cap = Capture(Options(command=command, save_trace=saved))
+            records = list(cap.run())
+        kept = any("foreign_mwtest/fprobe" in line for line in fs.probe_lines())
+    finally:
+        fs.remove_probe("-:foreign_mwtest/fprobe", "foreign_mwtest")
+    return Session(records, cap, trace, kept)
+
+
+def ops(session: Session) -> list[Record]:
+    return [r for r in session.records if r["type"] in ("load", "unload")]
+
+
+def test_every_operation_has_one_record(session: Session) -> None:
+    assert [(r["type"], r["syscall"]) for r in ops(session)] == [
+        ("load", "finit_module"),
+        ("load", "finit_module"),
+        ("unload", "delete_module"),
+        ("load", "init_module"),
+        ("unload", "delete_module"),
+        ("load", "finit_module"),
+        ("unload", "delete_module"),
+        ("load", "finit_module"),
+        ("unload", "delete_module"),
+        ("load", "init_module"),
+        ("load", "finit_module"),
+        ("unload", "delete_module"),
+        ("load", "finit_module"),
+        ("load", "finit_module"),
+        ("unload", "delete_module"),
+        ("unload", "delete_module"),
+    ]
+    assert session.capture.stats.unparsed == 0
+    assert session.capture.stats.lost == 0
+    assert session.capture.stats.command_status == 0
+
+
+def test_load_with_spaces_and_quotes(session: Session, mwtest_ko: Path) -> None:
+    load = ops(session)[0]
+    assert load == {
+        **load,
+        "v": 1,
+        "module": "mwtest",
+        "path": str(mwtest_ko),
+        "params": PARAMS,
+        "flags": [],
+        "flags_raw": 0,
+        "ret": 0,
+        "errno": None,
+        "ok": True,
+        "stage": None,
+        "init_ret": 0,
+        "uid": 0,
+        "comm": COMM,
+    }
+    assert "O" in load["taints"]  # out of tree; E as well where signatures are checked
+    assert load["pid"] == load["tid"] and load["pid"] > 1
+    when = dt.datetime.fromisoformat(load["time"].replace("Z", "+00:00"))
+    assert abs((dt.datetime.now(dt.UTC) - when).total_seconds()) < 600
+
+
+def test_duplicate_load_is_eexist_at_stage_load(session: Session) -> None:
+    dup = ops(session)[1]
+    assert dup == {
+        **dup,
+        "module": "mwtest",
+        "ret": -17,
+        "errno": "EEXIST",
+        "ok": False,
+        "stage": "load",
+        "init_ret": None,
+        "params": None,  # refused before the kernel copied the parameters
+        "comm": COMM,
+    }
+
+
+def test_unload(session: Session) -> None:
+    unload = ops(session)[2]
+    assert unload == {
+        **unload,
+        "module": "mwtest",
+        "path": None,
+        "flags": ["O_NONBLOCK"],
+        "flags_raw": os.O_NONBLOCK,
+        "ret": 0,
+        "ok": True,
+        "stage": None,
+        "pid": ops(session)[0]["pid"],
+    }
+
+
+def test_init_module_from_memory(session: Session) -> None:
+    load = ops(session)[3]
+    assert (load["module"], load["params"], load["path"], load["ok"]) == (
+        "mwtest",
+        "note=mem",
+        None,
+        True,
+    )
+
+
+def test_init_failure_is_stage_init(session: Session) -> None:
+    load = ops(session)[5]
+    assert load == {
+        **load,
+        "module": "mwtest",
+        "params": "fail=22",
+        "ret": -22,
+        "errno": "EINVAL",
+        "ok": False,
+        "stage": "init",
+        "init_ret": -22,
+    }
+
+
+def test_delete_of_a_module_not_loaded(session: Session) -> None:
+    unload = ops(session)[6]
+    assert unload == {
+        **unload,
+        "module": "mw_not_loaded",
+        "ret": -2,
+        "errno": "ENOENT",
+        "ok": False,
+        "stage": "unload",
+    }
+
+
+def test_unprivileged_caller_cannot_forge_or_hide(session: Session) -> None:
+    evil = ops(session)[7:10]
+    assert [r["syscall"] for r in evil] == ["finit_module", "delete_module", "init_module"]
+    for record in evil:
+        assert record == {
+            **record,
+            "module": None,
+            "params": None,
+            "ret": -1,
+            "errno": "EPERM",
+            "ok": False,
+            "stage": "permission",
+            "taints": None,
+            "uid": 65534,
+            "comm": EVIL_COMM,
+        }
+
+
+def test_insmod_and_rmmod(session: Session) -> None:
+    load, unload = ops(session)[10:12]
+    assert (load["comm"], load["module"], load["params"], load["ok"]) == (
+        "insmod",
+        "mwtest",
+        'note="a b"',
+        True,
+    )
+    assert (unload["comm"], unload["module"], unload["flags"], unload["ok"]) == (
+        "rmmod",
+        "mwtest",
+        ["O_NONBLOCK"],
+        True,
+    )
+
+
+def test_two_loads_at_once(session: Session, mwtest_b_ko: Path) -> None:
+    by_module = {r["module"]: r for r in ops(session)[12:14]}
+    assert set(by_module) == {"mwtest", "mwtest_b"}
+    assert by_module["mwtest"]["params"] == "delay_ms=300"
+    assert by_module["mwtest_b"]["params"] == "delay_ms=300 note=b"
+    assert by_module["mwtest_b"]["path"] == str(mwtest_b_ko)
+    assert by_module["mwtest"]["pid"] != by_module["mwtest_b"]["pid"]
+    assert all(r["ok"] for r in by_module.values())
+
+
+def test_foreign_probe_is_left_alone(session: Session) -> None:
+    assert session.foreign_probe_kept
+
+
+def test_saved_trace_replays_to_the_same_records(session: Session) -> None:
+    replayed = list(Capture(Options()).replay(str(session.trace)))
+    assert replayed == session.records
+
+
+def test_raw_events_of_the_saved_trace(session: Session) -> None:
+    raw = list(Capture(Options(raw=True)).replay(str(session.trace)))
+    events = [r["event"] for r in raw]
+    for name in ("finit_module", "module_params", "do_init_module", "finit_module_ret"):
+        assert name in events
+    first_params = next(r for r in raw if r["event"] == "module_params")
+    assert first_params["args"] == {"params": PARAMS}
+
+
+# -- the command line ------------------------------------------------------------------
+#
+# The CLI runs in a forked child of this interpreter: the code path of `modwatch ...`
+# without an interpreter start, which costs tens of seconds in an emulated guest.
+# (`python -m modwatch` itself is exercised by the host tests.)
+
+
+class Child:
+    """modwatch's CLI in a forked child, with its stderr on a pipe."""
+
+    def __init__(self, *args: str, stdout: int | None = None, setup: Any = None) -> None:
+        read_end, write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            status = 99
+            try:
+                os.close(read_end)
+                os.dup2(write_end, 2)
+                os.dup2(stdout if stdout is not None else os.open(os.devnull, os.O_WRONLY), 1)
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                if setup is not None:
+                    setup()
+                sys.argv = ["modwatch", *args]
+                cli.main()
+                status = 0
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        os.close(write_end)
+        self.stderr = os.fdopen(read_end, "r")
+        self.status: int | None = None
+        CHILDREN.append(self)
+
+    def readline(self) -> str:
+        return self.stderr.readline()
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float = 300) -> int:
+        deadline = time.monotonic() + timeout
+        while self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                raise AssertionError(f"modwatch (pid {self.pid}) did not exit in {timeout} s")
+            else:
+                time.sleep(0.1)
+        return self.status
+
+    def rest_of_stderr(self) -> str:
+        return self.stderr.read()
+
+
+CHILDREN: list[Child] = []
+
+
+def capture_child(out: Path) -> Child:
+    child = Child("capture", "-o", str(out))
+    banner = child.readline()
+    assert "tracing" in banner, banner
+    return child
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process, from /proc/PID/stat (fields 14 and 15)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_records(out: Path, count: int) -> list[Record]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        lines = out.read_text().splitlines()
+        if len(lines) >= count:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.2)
+    raise AssertionError(f"{out}: fewer than {count} records after 60 s")
+
+
+def test_sessions_at_once_signals_and_sigkill_leftovers(
+    tmp_path: Path, mwload: str, mwtest_ko: Path
+) -> None:
+    stops = {"int": signal.SIGINT, "term": signal.SIGTERM, "hup": signal.SIGHUP}
+    children = {name: capture_child(tmp_path / f"{name}.jsonl") for name in [*stops, "killed"]}
+    killed = children.pop("killed")
+    killed.kill()
+    killed.wait()
+    dead = {item for item in leftovers() if f"modwatch_{killed.pid}_" in item}
+    assert {item.split()[0] for item in dead} == {"group", "instance"}
+
+    # Idle, a session blocks in poll(2) on trace_pipe: it does not spin.
+    before = cpu_seconds(children["int"].pid)
+    time.sleep(3)
+    assert cpu_seconds(children["int"].pid) - before < 0.5
+
+    subprocess.run([mwload, "finit", str(mwtest_ko), "", "delete", "mwtest"], check=True)
+    got = {name: wait_for_records(tmp_path / f"{name}.jsonl", 2) for name in stops}
+    for name, signum in stops.items():
+        children[name].send_signal(signum)
+        assert children[name].wait() == 0, name
+        assert "Traceback" not in children[name].rest_of_stderr()
+    # Three sessions at once saw the same two operations. (What /proc tells depends on
+    # how soon each session read it.)
+    kernel_side = [
+        [{k: v for k, v in r.items() if k not in ("path", "uid", "pid")} for r in records]
+        for records in got.values()
+    ]
+    assert kernel_side[0] == kernel_side[1] == kernel_side[2]
+    assert [(r["type"], r["module"]) for r in got["int"]] == [
+        ("load", "mwtest"),
+        ("unload", "mwtest"),
+    ]
+
+    # The next session removes what the SIGKILLed one left, and only that; it exits
+    # with its COMMAND's status.
+    out = tmp_path / "next.jsonl"
+    child = Child("capture", "-o", str(out), "--", "sh", "-c", "exit 7")
+    assert child.wait() == 7
+    stderr = child.rest_of_stderr()
+    assert "removed leftovers of dead sessions" in stderr
+    assert f"modwatch_{killed.pid}_" in stderr
+    assert out.read_text() == ""
+
+
+def test_closed_pipe_tears_down(mwload: str, mwtest_ko: Path) -> None:
+    loads = [op for _ in range(3) for op in ("finit", str(mwtest_ko), "", "delete", "mwtest")]
+    read_end, write_end = os.pipe()
+    child = Child("capture", "--", mwload, *loads, stdout=write_end)
+    os.close(write_end)
+    with os.fdopen(read_end) as records:
+        first = records.readline()  # like `| head -1`: one line, then the pipe is closed
+    assert child.wait() == 0
+    assert json.loads(first)["module"] == "mwtest"
+    assert "Traceback" not in child.rest_of_stderr()
+
+
+def test_not_root_is_a_clear_error() -> None:
+    # typer imports parts of itself and pydantic only while parsing: parse once as root,
+    # so that the child can still run the CLI once it has given root up (the venv's
+    # interpreter lives under /root, which uid 65534 cannot read).
+    assert CliRunner().invoke(cli.app, ["capture", "--help"]).exit_code == 0
+
+    def drop_root() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    child = Child("capture", setup=drop_root)
+    assert child.wait() == ExitStatus.NOT_ROOT
+    stderr = child.rest_of_stderr()
+    assert stderr.count("\n") == 1 and "root" in stderr
+
+
+CLONE_NEWNS = 0x20000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+CAP_SYS_ADMIN = 21
+
+
+def without_tracefs_and_sys_admin() -> None:
+    """In a mount namespace of its own, unmount tracefs (and debugfs), then give up
+    CAP_SYS_ADMIN so that it cannot be mounted again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.unshare(CLONE_NEWNS) == 0
+    assert libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0
+    for path in (b"/sys/kernel/debug/tracing", b"/sys/kernel/tracing", b"/sys/kernel/debug"):
+        libc.umount2(path, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}
+    assert libc.capget(header, data) == 0
+    data[0] &= ~(1 << CAP_SYS_ADMIN)
+    data[1] &= ~(1 << CAP_SYS_ADMIN)
+    assert libc.capset(header, data) == 0
+
+
+def test_tracefs_not_mounted_and_not_mountable() -> None:
+    child = Child("capture", setup=without_tracefs_and_sys_admin)
+    status, stderr = child.wait(), child.rest_of_stderr()
+    assert status == ExitStatus.NO_TRACEFS, stderr
+    assert stderr.count("\n") == 1
+    assert "tracefs is not mounted" in stderr and "mount -t tracefs" in stderr
+
+
+def test_rejected_probe_quotes_the_kernel_reason(tracefs: Path) -> None:
+    fs = tracefs_mod.Tracefs(str(tracefs))
+    with pytest.raises(ModwatchError) as caught:
+        fs.add_probe("p:modwatch_test/bad do_init_module x=+0(%nosuchreg):u32")
+    reason = tracefs_mod.parse_error_log(fs.read("error_log"))
+    assert reason is not None
+    assert caught.value.status == ExitStatus.PROBE_REJECTED
+    assert str(reason) in caught.value.message
+    assert "kprobe_events" in caught.value.message
