@@ -62,7 +62,6 @@ class Stats:
     lost: int = 0
     unmatched: int = 0
     command_status: int | None = None
-    stopped_by: str | None = None
     teardown_errors: list[str] = field(default_factory=list)
 
 
@@ -212,8 +211,8 @@ class Capture:
             with contextlib.ExitStack() as undo:
                 fd, clock, correlator = self._arm(undo)
                 yield from self._read(fd, clock, correlator)
-        except Stop as stop:
-            self.stats.stopped_by = str(stop)
+        except Stop:
+            pass  # a signal asked for the end: teardown has run, records so far are out
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -169,6 +169,8 @@ def capture_command(
                     "(the kernel's buffer overran)"
                 )
             writer.write(record)
+    except capture.Stop:
+        pass  # the signal came while a record was being written: closing tears down
     except BrokenPipeError:
         records.close()  # tears down before we go
         # Nothing more can reach stdout; keep the interpreter from failing on its flush.
@@ -208,6 +210,8 @@ def _summary(cap: capture.Capture) -> None:
         _err(f"modwatch: {stats.unparsed} lines of trace text could not be parsed: {samples}")
     if stats.lost:
         _err(f"modwatch: {stats.lost} events lost in all (kernel buffer overruns)")
+    if stats.unmatched:
+        _err(f"modwatch: {stats.unmatched} kernel events belonged to no module call (ignored)")
     for problem in stats.teardown_errors:
         _err(f"modwatch: warning: teardown step failed: {problem}")
 
