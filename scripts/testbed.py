@@ -641,6 +641,7 @@ def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
             "pytest",
             "-m",
             "kernel",
+            "-v",  # a line per test, streamed as each test ends
             "-o",
             "testpaths=tests/kernel",  # unless PYTEST_ARGS name tests
             "-p",
