@@ -621,15 +621,21 @@ def node_id(case: ET.Element) -> str:
 
 
 def parse_junit(path: Path) -> Outcome:
-    outcome = Outcome(passed=0, failed=[], skipped=0)
+    # A test that fails and then errors in teardown has two test cases of the same name.
+    states: dict[str, str] = {}
     for case in ET.parse(path).iter("testcase"):
+        node = node_id(case)
         if case.find("failure") is not None or case.find("error") is not None:
-            outcome.failed.append(node_id(case))
+            states[node] = "failed"
         elif case.find("skipped") is not None:
-            outcome.skipped += 1
+            states.setdefault(node, "skipped")
         else:
-            outcome.passed += 1
-    return outcome
+            states.setdefault(node, "passed")
+    return Outcome(
+        passed=sum(state == "passed" for state in states.values()),
+        failed=[node for node, state in states.items() if state == "failed"],
+        skipped=sum(state == "skipped" for state in states.values()),
+    )
 
 
 def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
