@@ -8,6 +8,8 @@ between 6.4 and 6.12), so probe fetch-args take offsets from here, never from a 
 
 from __future__ import annotations
 
+import array
+import bisect
 import struct
 from dataclasses import dataclass
 
@@ -19,9 +21,14 @@ INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF = 1, 2, 3, 4, 5, 6, 7, 8
 VOLATILE, CONST, RESTRICT, FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT = 9, 10, 11, 12, 13, 14, 15, 16
 DECL_TAG, TYPE_TAG, ENUM64 = 17, 18, 19
 
-# Bytes that follow `struct btf_type` for each kind: fixed, or per vlen entry.
-_FIXED = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}
-_PER_ENTRY = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
+# Size of each kind's record in 32-bit words: `struct btf_type` (3) and what follows it,
+# fixed or per vlen entry. Indexed by kind (5 bits).
+_WORDS_FIXED = [3] * 32
+_WORDS_PER_ENTRY = [0] * 32
+for _kind, _extra in {INT: 1, ARRAY: 3, VAR: 1, DECL_TAG: 1}.items():
+    _WORDS_FIXED[_kind] += _extra
+for _kind, _per in {STRUCT: 3, UNION: 3, ENUM: 2, FUNC_PROTO: 2, DATASEC: 3, ENUM64: 3}.items():
+    _WORDS_PER_ENTRY[_kind] = _per
 # Kinds that only qualify another type.
 _QUALIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
 
@@ -47,7 +54,12 @@ class BTFType:
 
 
 class BTF:
-    """Parsed BTF: types by id (id 0 is `void`)."""
+    """BTF data, decoded lazily: types by id (id 0 is `void`).
+
+    vmlinux holds over 100,000 types and a capture needs a handful of structs, so the
+    constructor only walks the type section to find where each type starts (a tenth of a
+    second on a real machine) and a type is decoded when it is first asked for.
+    """
 
     def __init__(self, data: bytes) -> None:
         if len(data) < 24:
@@ -58,33 +70,30 @@ class BTF:
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         types = data[hdr_len + type_off : hdr_len + type_off + type_len]
         self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
-        self.types: list[BTFType] = [BTFType(0, "void", 0)]
-        self._by_name: dict[tuple[int, str], int] = {}
-        pos = 0
-        while pos < len(types):
-            name_off, info, size_or_type = struct.unpack_from("<III", types, pos)
-            pos += 12
-            kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
-            members: tuple[Member, ...] = ()
-            if kind in (STRUCT, UNION):
-                entries = struct.iter_unpack("<III", types[pos : pos + 12 * vlen])
-                members = tuple(
-                    Member(
-                        self._str(m_name),
-                        m_type,
-                        m_off & 0xFFFFFF if kind_flag else m_off,
-                        m_off >> 24 if kind_flag else 0,
-                    )
-                    for m_name, m_type, m_off in entries
-                )
-            if kind in _PER_ENTRY:
-                pos += _PER_ENTRY[kind] * vlen
-            else:
-                pos += _FIXED.get(kind, 0)
-            name = self._str(name_off)
-            self.types.append(BTFType(kind, name, size_or_type, members))
-            if name:
-                self._by_name.setdefault((kind, name), len(self.types) - 1)
+        if len(types) != type_len or len(self._strings) != str_len or type_len % 4:
+            raise BTFError("BTF data truncated or misaligned")
+        self._types = types
+        # Every record is a whole number of 32-bit words: walk them by word.
+        words = memoryview(types).cast("I")
+        starts = array.array("I", [0])  # word index of each type; id 0 (void) has none
+        fixed, per_entry = _WORDS_FIXED, _WORDS_PER_ENTRY
+        index, count = 0, len(words)
+        while index < count:
+            starts.append(index)
+            if index + 3 > count:
+                raise BTFError("BTF type section ends inside a type")
+            info = words[index + 1]
+            kind = (info >> 24) & 0x1F
+            index += fixed[kind] + per_entry[kind] * (info & 0xFFFF)
+        if index != count:
+            raise BTFError("BTF type section ends inside a type")
+        self._words = words
+        self._starts = starts
+        self._decoded: dict[int, BTFType] = {0: BTFType(0, "void", 0)}
+
+    def __len__(self) -> int:
+        """Number of type ids, void included."""
+        return len(self._starts)
 
     @classmethod
     def load(cls, path: str = VMLINUX) -> BTF:
@@ -98,17 +107,62 @@ class BTF:
         end = self._strings.find(b"\0", offset)
         return self._strings[offset:end].decode("ascii", "replace")
 
+    def type(self, type_id: int) -> BTFType:
+        """The type with this id, decoded on first use."""
+        found = self._decoded.get(type_id)
+        if found is not None:
+            return found
+        if not 0 < type_id < len(self._starts):
+            raise BTFError(f"no BTF type {type_id}")
+        words, index = self._words, self._starts[type_id]
+        name_off, info, size_or_type = words[index], words[index + 1], words[index + 2]
+        kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+        members: tuple[Member, ...] = ()
+        if kind in (STRUCT, UNION):
+            entries = words[index + 3 : index + 3 + 3 * vlen]
+            members = tuple(
+                Member(
+                    self._str(entries[i]),
+                    entries[i + 1],
+                    entries[i + 2] & 0xFFFFFF if kind_flag else entries[i + 2],
+                    entries[i + 2] >> 24 if kind_flag else 0,
+                )
+                for i in range(0, 3 * vlen, 3)
+            )
+        found = BTFType(kind, self._str(name_off), size_or_type, members)
+        self._decoded[type_id] = found
+        return found
+
     def struct_id(self, name: str) -> int:
-        for kind in (STRUCT, UNION):
-            if (kind, name) in self._by_name:
-                return self._by_name[(kind, name)]
+        """Id of the struct (or union) called `name`.
+
+        BTF stores each string once: find the name's offset in the string section, then
+        the type records that start with it.
+        """
+        encoded = name.encode()
+        strings = self._strings
+        at = strings.find(b"\0" + encoded + b"\0")
+        if name and at >= 0:
+            needle = struct.pack("<I", at + 1)
+            pos = self._types.find(needle)
+            while pos >= 0:
+                word = pos // 4
+                type_id = bisect.bisect_left(self._starts, word, 1)
+                if (
+                    pos % 4 == 0
+                    and type_id < len(self._starts)
+                    and self._starts[type_id] == word
+                    and self.type(type_id).kind in (STRUCT, UNION)
+                ):
+                    return type_id
+                pos = self._types.find(needle, pos + 1)
         raise BTFError(f"no struct {name} in BTF")
 
     def resolve(self, type_id: int) -> BTFType:
         """The type behind typedefs and qualifiers."""
-        t = self.types[type_id]
+        t = self.type(type_id)
         while t.kind in _QUALIFIERS:
-            t = self.types[t.size_or_type]
+            t = self.type(t.size_or_type)
         return t
 
     def _find(self, type_id: int, name: str) -> tuple[int, Member] | None:
