@@ -11,6 +11,7 @@ and only those whose PID no longer runs modwatch are touched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, Any
 
-from modwatch import tracefs
+from modwatch import btf, tracefs
 from modwatch.correlate import Correlator, Enricher, Record, TraceClock
 from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.parser import Event, Lost, Parser, Unparsed
@@ -145,10 +146,26 @@ def plan(fs: tracefs.Tracefs, group: str) -> ProbeSet:
             kallsyms = tracefs.kallsyms_text_symbols()
         return "/proc/kallsyms" if symbol in kallsyms else None
 
-    # modwatch.btf can read struct offsets, but parsing all of vmlinux's BTF costs
-    # seconds of start-up (minutes under emulation); it waits for an index that reads
-    # only the structs it needs. Until then struct module's name is at its stable offset.
-    return build_probe_set(group, current_arch(), lookup, fs.has_tracepoint)
+    offset, note = btf_offsets()
+    probe_set = build_probe_set(group, current_arch(), lookup, fs.has_tracepoint, offset)
+    return dataclasses.replace(probe_set, choices=(note, *probe_set.choices))
+
+
+def btf_offsets() -> tuple[Callable[[str], int | None], str]:
+    """Struct member offsets of the running kernel from its BTF (None for a member it
+    lacks, or for every member without BTF), and a note saying where they came from."""
+    try:
+        types = btf.BTF.load(btf.VMLINUX)
+    except btf.BTFError as err:
+        return (lambda member: None), f"BTF: none ({err}): no offsets beyond stable ones"
+
+    def offset(member: str) -> int | None:
+        try:
+            return types.offset(member)
+        except btf.BTFError:
+            return None
+
+    return offset, f"BTF: {btf.VMLINUX} ({len(types)} types)"
 
 
 def plan_offline(group: str) -> tuple[ProbeSet, str | None]:
@@ -157,9 +174,12 @@ def plan_offline(group: str) -> tuple[ProbeSet, str | None]:
     try:
         fs = open_tracefs()
     except ModwatchError as err:
-        return build_probe_set(group, current_arch(), lambda s: "unchecked", lambda s, e: True), (
-            err.message.removeprefix("modwatch: ")
+        offset, note = btf_offsets()
+        probe_set = build_probe_set(
+            group, current_arch(), lambda s: "unchecked", lambda s, e: True, offset
         )
+        probe_set = dataclasses.replace(probe_set, choices=(note, *probe_set.choices))
+        return probe_set, err.message.removeprefix("modwatch: ")
     return plan(fs, group), None
 
 
@@ -233,6 +253,11 @@ class Capture:
         undo.callback(self._best_effort, fs.remove_instance, group)
         self._guard(fs.make_instance, group)
         base = os.path.join("instances", group)
+        # The caller's pid as the kernel knew it, in a `(TGID)` column: the caller may
+        # have exited before /proc can be asked. An option of this instance only.
+        record_tgid = os.path.join(base, "options", "record-tgid")
+        if fs.exists(record_tgid):
+            self._best_effort(fs.write, record_tgid, "1")
         clock_name, clock_id = next(
             (c for c in _CLOCKS if c[0] in fs.read(base, "trace_clock").split()), _CLOCKS[0]
         )

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from modwatch import filepath
 from modwatch.decode import LOAD_FLAGS, UNLOAD_FLAGS, errno_name, flag_names
 from modwatch.parser import Event, Lost
 
@@ -26,6 +27,7 @@ RECORD_KEYS = (
     "syscall",
     "module",
     "path",
+    "path_source",
     "params",
     "flags",
     "flags_raw",
@@ -92,6 +94,8 @@ class _Operation:
     init_ran: bool = False
     init_ret: int | None = None
     taints: list[str] | None = None
+    file_seen: bool = False
+    kernel_path: filepath.KernelPath | None = None
 
 
 def _str(value: object) -> str | None:
@@ -152,6 +156,13 @@ class Correlator:
             op.module = _str(f["name"]) or op.module
         elif kind == "do_init_module_ret":
             op.init_ret = _int(f["ret"])
+        elif kind == "module_file":
+            op.passed_permission = True
+            # The first file read of a finit_module is the module's own; the module's
+            # init may read firmware later, on the same thread.
+            if op.syscall == "finit_module" and not op.file_seen and not op.init_ran:
+                op.file_seen = True
+                op.kernel_path = filepath.rebuild(f)
         elif kind == "module_free":
             op.passed_permission = True
             if op.module is None:
@@ -210,13 +221,15 @@ class Correlator:
 
     def _record(self, op: _Operation, ret: int | None) -> Record:
         table = UNLOAD_FLAGS if op.syscall == "delete_module" else LOAD_FLAGS
+        path, path_source = filepath.choose(op.kernel_path, op.caller.path)
         return {
             "v": SCHEMA_VERSION,
             "type": "unload" if op.syscall == "delete_module" else "load",
             "time": self.clock.iso(op.ts_us),
             "syscall": op.syscall,
             "module": op.module,
-            "path": op.caller.path,
+            "path": path,
+            "path_source": path_source,
             "params": op.params,
             "flags": None if op.flags_raw is None else flag_names(op.flags_raw, table),
             "flags_raw": op.flags_raw,

@@ -107,6 +107,30 @@ CATALOGUE: tuple[RawEvent, ...] = (
         "the module's init returned (OPT)",
     ),
     RawEvent(
+        "module_file",
+        "kprobe security_kernel_read_file",
+        (
+            Arg(
+                "id", "enum kernel_read_file_id", ("K",), "why the kernel reads a file (2: module)"
+            ),
+            Arg(
+                "r0, d0_0.., p1..",
+                "pointers",
+                ("K",),
+                "mount roots, the dentry chain of the file and of the mounts above it",
+            ),
+            Arg("l0_0..", "u32", ("K",), "length of each name, which the parser cuts it by"),
+            Arg(
+                "n0_0..",
+                "string",
+                ("K", "TOCTOU"),
+                "the names along the chain (a rename may race the read)",
+            ),
+            Arg("hash", "pointer", ("K",), "d_hash.pprev of the file's dentry: 0 once unlinked"),
+        ),
+        "finit_module's file is read, after the permission check: its path (OPT)",
+    ),
+    RawEvent(
         "module_load",
         "tracepoint module:module_load",
         (

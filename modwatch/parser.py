@@ -72,20 +72,70 @@ def _value_pattern(name: str, type_: str) -> str:
     return f"(?P<{name}>{_NUMBER[type_[0]]})"
 
 
+def counted_strings(spec: ProbeSpec) -> tuple[tuple[str, str], ...]:
+    """(string, length) argument pairs: a string `nX` whose byte length is fetched
+    before it as `lX` is cut by that length, so it can hold anything, even `" nY="`."""
+    numeric = {a.name for a in spec.args if not a.is_string}
+    return tuple(
+        (a.name, f"l{a.name[1:]}")
+        for a in spec.args
+        if a.is_string and a.name.startswith("n") and f"l{a.name[1:]}" in numeric
+    )
+
+
 def body_pattern(spec: ProbeSpec) -> re.Pattern[str]:
-    """The regex a probe's body must match in full, built from its fetch-args."""
+    """The regex a probe's body must match in full, built from its fetch-args. Counted
+    strings (see `counted_strings`) are left in the group `_counted`, for `cut_counted`."""
     args = list(spec.args)
+    counted = counted_strings(spec)
+    if counted:
+        args = args[: len(args) - len(counted)]
+        if [a.name for a in spec.args[len(args) :]] != [n for n, _ in counted]:
+            raise ValueError(f"{spec.event}: counted strings must come last")
     comm_pair = len(args) >= 2 and (args[-2].name, args[-1].name) == ("comm", "comm2")
     if comm_pair:
         args = args[:-2]
-    if any(a.is_string for a in args[:-1]) or (comm_pair and args and args[-1].is_string):
+    if (
+        any(a.is_string for a in args[:-1])
+        or ((comm_pair or counted) and args and args[-1].is_string)
+        or (comm_pair and counted)
+    ):
         raise ValueError(f"{spec.event}: only one trailing string can be parsed")
     # Probe location: `(sym+0x0/0x20)`, or for a return `(caller+0x5d/0xb0 <- sym)`.
     parts = [r"\([^()\n]*\)"]
     parts += [f" {a.name}={_value_pattern(a.name, a.type)}" for a in args]
     if comm_pair:
         parts.append(r' comm="(?P<comm>(?s:.*))" comm2="(?P=comm)"')
+    if counted:
+        parts.append(r"(?P<_counted>(?s: .*))")
     return re.compile("".join(parts))
+
+
+def cut_counted(
+    text: str, counted: tuple[tuple[str, str], ...], fields: dict[str, int | str | None]
+) -> dict[str, str | None] | None:
+    """The counted strings of `text` (` n0="..." n1=(fault) ...`), each cut by the byte
+    length in `fields`; None if the text does not fit them exactly."""
+    raw = text.encode("utf-8", "surrogateescape")
+    values: dict[str, str | None] = {}
+    pos = 0
+    for name, length_name in counted:
+        fault = f" {name}=(fault)".encode()
+        quoted = f' {name}="'.encode()
+        length = fields.get(length_name)
+        if raw.startswith(fault, pos):
+            values[name] = None
+            pos += len(fault)
+        elif raw.startswith(quoted, pos) and isinstance(length, int):
+            start = pos + len(quoted)
+            end = start + length
+            if raw[end : end + 1] != b'"':
+                return None
+            values[name] = raw[start:end].decode("utf-8", "surrogateescape")
+            pos = end + 1
+        else:
+            return None
+    return values if pos == len(raw) else None
 
 
 _TRACEPOINT_BODY = {
@@ -100,13 +150,14 @@ class _Kind(NamedTuple):
     compat: bool
     pattern: re.Pattern[str]
     numeric: dict[str, int]  # field -> base for int()
+    counted: tuple[tuple[str, str], ...] = ()
 
 
 def _kind_of(spec: ProbeSpec | Tracepoint) -> _Kind:
     if isinstance(spec, Tracepoint):
         return _Kind(spec.kind, False, _TRACEPOINT_BODY[spec.event], {})
     numeric = {a.name: 16 if a.type[0] == "x" else 10 for a in spec.args if not a.is_string}
-    return _Kind(spec.kind, spec.compat, body_pattern(spec), numeric)
+    return _Kind(spec.kind, spec.compat, body_pattern(spec), numeric, counted_strings(spec))
 
 
 def _width(text: str) -> int:
@@ -232,6 +283,11 @@ class Parser:
         for name, value in m.groupdict().items():
             base = kind.numeric.get(name)
             fields[name] = int(value, base) if base is not None and value is not None else value
+        if kind.counted:
+            counted = cut_counted(str(fields.pop("_counted")), kind.counted, fields)
+            if counted is None:
+                return None
+            fields.update(counted)
         task = header["task"]
         if self._task_start:
             task = f"{self._task_start}\n{task}"

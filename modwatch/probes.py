@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from modwatch import filepath
 from modwatch.errors import ExitStatus, ModwatchError
 
 GROUP_PREFIX = "modwatch_"
@@ -296,6 +297,22 @@ def build_probe_set(
             continue
         choices.append(f"{kind}: {symbol} ({where})")
         probes.append(ProbeSpec(kind, group, event(kind, False), symbol, is_return, args))
+
+    # security_kernel_read_file(file, id, contents) gets the module's struct file for
+    # finit_module (READING_MODULE), after the permission check, on 6.1 and 6.12 alike.
+    symbol = "security_kernel_read_file"
+    file_args = filepath.fetch_args(a1, offset)
+    where = lookup(symbol)
+    if file_args is None:
+        choices.append("module_file: struct offsets not in BTF, path from /proc/PID/fd")
+    elif where is None:
+        choices.append(f"module_file: {symbol} not found, path from /proc/PID/fd")
+    else:
+        choices.append(f"module_file: {symbol} ({where}), path from the kernel (BTF offsets)")
+        args = (FetchArg("id", a2, "s32"), *(FetchArg(a.name, a.fetch, a.type) for a in file_args))
+        probes.append(
+            ProbeSpec("module_file", group, event("module_file", False), symbol, False, args)
+        )
 
     tracepoints: list[Tracepoint] = []
     for tp_event, gives in (("module_load", "taints"), ("module_free", "module frees")):

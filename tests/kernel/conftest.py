@@ -87,3 +87,11 @@ def no_test_module_left() -> Iterator[None]:
             pytest.fail(f"cannot unload {', '.join(sorted(left))} after the test")
         # A module whose init is still running (delay_ms) cannot be removed yet: EBUSY.
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def mwload(module_dir: Path) -> str:
+    """The C loader (tests/kernel/mwload.c), built on the host by the test bed."""
+    binary = module_dir / "mwload"
+    assert binary.exists(), f"{binary} is missing: the test bed builds it with the modules"
+    return str(binary)

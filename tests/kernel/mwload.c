@@ -7,7 +7,9 @@
  * start costs seconds in an emulated guest.
  *
  *   mwload [--comm NAME] [--uid UID] OP...
- *   OP: finit PATH PARAMS | init PATH PARAMS | delete NAME | sleep MS
+ *   OP: finit PATH PARAMS | unlinked PATH PARAMS | init PATH PARAMS | delete NAME | sleep MS
+ *
+ * `unlinked` opens PATH, unlinks it, then loads from the open file.
  *
  * Exit status: 0 if every call returned 0, else 1; 2 for a usage error.
  */
@@ -30,12 +32,12 @@ static long report(const char *op, long ret)
 	return ret;
 }
 
-static long do_finit(const char *path, const char *params)
+static long do_finit(const char *path, const char *params, int unlink_first)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	long ret;
 
-	if (fd < 0) {
+	if (fd < 0 || (unlink_first && unlink(path) < 0)) {
 		perror(path);
 		exit(2);
 	}
@@ -84,7 +86,10 @@ int main(int argc, char **argv)
 		const char *op = argv[i++];
 
 		if (!strcmp(op, "finit") && i + 1 < argc) {
-			failures += do_finit(argv[i], argv[i + 1]) != 0;
+			failures += do_finit(argv[i], argv[i + 1], 0) != 0;
+			i += 2;
+		} else if (!strcmp(op, "unlinked") && i + 1 < argc) {
+			failures += do_finit(argv[i], argv[i + 1], 1) != 0;
 			i += 2;
 		} else if (!strcmp(op, "init") && i + 1 < argc) {
 			failures += do_init(argv[i], argv[i + 1]) != 0;

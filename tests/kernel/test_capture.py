@@ -11,12 +11,9 @@ import ctypes
 import datetime as dt
 import json
 import os
-import shlex
 import signal
 import subprocess
-import sys
 import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +25,8 @@ from modwatch import cli
 from modwatch import tracefs as tracefs_mod
 from modwatch.capture import Capture, Options
 from modwatch.errors import ExitStatus, ModwatchError
+
+from .helpers import CHILDREN, Child, script
 
 pytestmark = pytest.mark.kernel
 
@@ -77,25 +76,11 @@ def nothing_left_behind(tracefs: Path) -> Iterator[None]:
     assert left == set(), "modwatch state was left behind"
 
 
-@pytest.fixture(scope="session")
-def mwload(module_dir: Path) -> str:
-    """The C loader (tests/kernel/mwload.c), built on the host by the test bed."""
-    binary = module_dir / "mwload"
-    assert binary.exists(), f"{binary} is missing: the test bed builds it with the modules"
-    return str(binary)
-
-
 class Session(NamedTuple):
     records: list[Record]
     capture: Capture
     trace: Path
     foreign_probe_kept: bool
-
-
-def script(tmp: Path, *commands: list[str]) -> list[str]:
-    path = tmp / "scenario.sh"
-    path.write_text("\n".join(shlex.join(c) for c in commands) + "\n")
-    return ["sh", str(path)]
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +158,7 @@ def test_load_with_spaces_and_quotes(session: Session, mwtest_ko: Path) -> None:
         "v": 1,
         "module": "mwtest",
         "path": str(mwtest_ko),
+        "path_source": "kernel",
         "params": PARAMS,
         "flags": [],
         "flags_raw": 0,
@@ -190,7 +176,7 @@ def test_load_with_spaces_and_quotes(session: Session, mwtest_ko: Path) -> None:
     assert abs((dt.datetime.now(dt.UTC) - when).total_seconds()) < 600
 
 
-def test_duplicate_load_is_eexist_at_stage_load(session: Session) -> None:
+def test_duplicate_load_is_eexist_at_stage_load(session: Session, mwtest_ko: Path) -> None:
     dup = ops(session)[1]
     assert dup == {
         **dup,
@@ -202,6 +188,9 @@ def test_duplicate_load_is_eexist_at_stage_load(session: Session) -> None:
         "init_ret": None,
         "params": None,  # refused before the kernel copied the parameters
         "comm": COMM,
+        # Failed within microseconds, after the kernel read the file.
+        "path": str(mwtest_ko),
+        "path_source": "kernel",
     }
 
 
@@ -296,6 +285,7 @@ def test_two_loads_at_once(session: Session, mwtest_b_ko: Path) -> None:
     assert by_module["mwtest"]["params"] == "delay_ms=300"
     assert by_module["mwtest_b"]["params"] == "delay_ms=300 note=b"
     assert by_module["mwtest_b"]["path"] == str(mwtest_b_ko)
+    assert {r["path_source"] for r in by_module.values()} == {"kernel"}
     assert by_module["mwtest"]["pid"] != by_module["mwtest_b"]["pid"]
     assert all(r["ok"] for r in by_module.values())
 
@@ -323,67 +313,6 @@ def test_raw_events_of_the_saved_trace(session: Session) -> None:
 # The CLI runs in a forked child of this interpreter: the code path of `modwatch ...`
 # without an interpreter start, which costs tens of seconds in an emulated guest.
 # (`python -m modwatch` itself is exercised by the host tests.)
-
-
-class Child:
-    """modwatch's CLI in a forked child, with its stderr on a pipe."""
-
-    def __init__(self, *args: str, stdout: int | None = None, setup: Any = None) -> None:
-        read_end, write_end = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never returns into pytest
-            status = 99
-            try:
-                os.close(read_end)
-                os.dup2(write_end, 2)
-                os.dup2(stdout if stdout is not None else os.open(os.devnull, os.O_WRONLY), 1)
-                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                if setup is not None:
-                    setup()
-                sys.argv = ["modwatch", *args]
-                cli.main()
-                status = 0
-            except SystemExit as exit_:
-                status = exit_.code if isinstance(exit_.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stderr.flush()
-                os._exit(status)
-        os.close(write_end)
-        self.stderr = os.fdopen(read_end, "r")
-        self.status: int | None = None
-        CHILDREN.append(self)
-
-    def readline(self) -> str:
-        return self.stderr.readline()
-
-    def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def wait(self, timeout: float = 300) -> int:
-        deadline = time.monotonic() + timeout
-        while self.status is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.status = os.waitstatus_to_exitcode(status)
-            elif time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                raise AssertionError(f"modwatch (pid {self.pid}) did not exit in {timeout} s")
-            else:
-                time.sleep(0.1)
-        return self.status
-
-    def rest_of_stderr(self) -> str:
-        return self.stderr.read()
-
-
-CHILDREN: list[Child] = []
 
 
 def capture_child(out: Path) -> Child:
@@ -525,3 +454,4 @@ def test_rejected_probe_quotes_the_kernel_reason(tracefs: Path) -> None:
     assert caught.value.status == ExitStatus.PROBE_REJECTED
     assert str(reason) in caught.value.message
     assert "kprobe_events" in caught.value.message
+

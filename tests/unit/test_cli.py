@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from modwatch import capture, cli, tracefs
+from modwatch import btf, capture, cli, tracefs
 from modwatch.cli import app
 from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.probes import ARCHES
@@ -62,6 +62,7 @@ def fixed_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     """x86_64, and the fixture's group name, whatever machine runs the tests."""
     monkeypatch.setattr(capture, "current_arch", lambda: ARCHES["x86_64"])
     monkeypatch.setattr(cli, "new_group", lambda pid: kt.GROUP)
+    monkeypatch.setattr(btf, "VMLINUX", "/nonexistent/vmlinux")
 
 
 # -- capture --dry-run ------------------------------------------------------------------
@@ -95,6 +96,8 @@ def test_dry_run_checked_against_a_fake_tracefs(
     assert result.stdout == "\n".join(
         [
             f"# probe group and instance: {kt.GROUP}",
+            "# BTF: none (cannot read /nonexistent/vmlinux: No such file or directory): "
+            "no offsets beyond stable ones",
             f"# finit_module: __x64_sys_finit_module {aff}",
             f"# finit_module (32-bit): __ia32_sys_finit_module {kall}",
             f"# init_module: __x64_sys_init_module {aff}",
@@ -107,6 +110,7 @@ def test_dry_run_checked_against_a_fake_tracefs(
             f"# find_module: find_module_all {aff}",
             f"# do_init_module: do_init_module {aff}",
             f"# do_init_module_ret: do_init_module {aff}",
+            "# module_file: struct offsets not in BTF, path from /proc/PID/fd",
             "# module_load: tracepoint module:module_load",
             "# module_free: tracepoint module:module_free not found, no module frees",
             *DEFINITIONS,
@@ -128,9 +132,11 @@ def test_dry_run_without_tracefs_prints_unchecked_defaults(
     assert result.exit_code == 0
     assert result.stderr == ""
     lines = result.stdout.splitlines()
-    assert lines[:3] == [
+    assert lines[:4] == [
         f"# probe group and instance: {kt.GROUP}",
         "# not checked against the running kernel: capture needs root",
+        "# BTF: none (cannot read /nonexistent/vmlinux: No such file or directory): "
+        "no offsets beyond stable ones",
         "# finit_module: __x64_sys_finit_module (unchecked)",
     ]
     assert [line for line in lines if not line.startswith("#")] == DEFINITIONS
@@ -168,7 +174,7 @@ def test_events_lists_finit_module_with_its_tags() -> None:
         "    params         string                   K,OPT     "
         "parameter string, the kernel's intact copy" in lines
     )
-    assert sum(1 for line in lines if line and not line.startswith(" ")) == 13
+    assert sum(1 for line in lines if line and not line.startswith(" ")) == 14
 
 
 def test_version() -> None:

@@ -1,0 +1,144 @@
+"""The module file's path, read in the kernel (`path_source: kernel`).
+
+One capture session loads the test module from files placed to test the dentry chain:
+on a tmpfs mount of its own, with spaces, through a symlink, unlinked after open, with
+a file name that holds quotes, a newline and fake trace text, and deeper than the
+kernel's names reach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from modwatch.capture import Capture, Options
+from modwatch.tracefile import CALLER
+
+from .helpers import script
+
+pytestmark = pytest.mark.kernel
+
+TOP = Path("/run/mwpath")  # a tmpfs of its own, on the guest's /run (another tmpfs)
+SPACED = TOP / "dir with space" / "mw test.ko"
+LINK = TOP / "link.ko"
+GONE = TOP / "gone.ko"
+# Quotes, a newline, fake fields and a fake lost-events line: cut by its length.
+EVIL = TOP / 'q" n0_1="x\nCPU:0 [LOST 9 EVENTS]\nz.ko'
+DEEP = TOP.joinpath(*"abcdefghij", "mw.ko")  # 11 names on its mount: beyond the 8 fetched
+
+Record = dict[str, Any]
+
+
+class PathSession(NamedTuple):
+    loads: list[Record]
+    proc_paths: list[str | None]  # of each load: what /proc/PID/fd gave when it was asked
+
+
+@pytest.fixture(scope="module")
+def files(mwtest_ko: Path) -> Iterator[None]:
+    TOP.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "mwpath", str(TOP)], check=True)
+    try:
+        for target in (SPACED, GONE, EVIL, DEEP):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(mwtest_ko, target)
+        LINK.symlink_to(SPACED.relative_to(TOP))
+        yield
+    finally:
+        subprocess.run(["umount", str(TOP)], check=True)
+
+
+def debian_module() -> Path:
+    """A Debian module without dependencies, as shipped (.ko on 6.1, .ko.xz on 6.12)."""
+    nls = Path("/lib/modules", os.uname().release, "kernel", "fs", "nls")
+    return next(p for p in (nls / "nls_cp737.ko", nls / "nls_cp737.ko.xz") if p.exists())
+
+
+@pytest.fixture(scope="module")
+def paths(files: None, mwload: str, tmp_path_factory: pytest.TempPathFactory) -> PathSession:
+    tmp = tmp_path_factory.mktemp("paths")
+    ops = ["finit", str(SPACED), "", "delete", "mwtest"]
+    ops += ["finit", str(LINK), "", "finit", str(LINK), "", "delete", "mwtest"]
+    ops += ["unlinked", str(GONE), "", "delete", "mwtest"]
+    ops += ["finit", str(EVIL), "", "delete", "mwtest"]
+    # The init sleeps: /proc is read while the call is in flight, to compare with.
+    ops += ["finit", str(DEEP), "delay_ms=500", "delete", "mwtest"]
+    ops += ["finit", str(SPACED), "delay_ms=500", "delete", "mwtest"]
+    # Loads on 6.1; on 6.12 the .ko.xz fails (no MODULE_INIT_COMPRESSED_FILE flag) after
+    # the kernel has read the file: either way the path was read.
+    ops += ["finit", str(debian_module()), "", "delete", "nls_cp737"]
+    trace = tmp / "paths.trace"
+    with open(trace, "w", encoding="utf-8", errors="surrogateescape") as saved:
+        cap = Capture(Options(command=script(tmp, [mwload, *ops]), save_trace=saved))
+        records = list(cap.run())
+    assert cap.stats.unparsed == 0
+    assert cap.stats.command_status == 1  # the duplicate load fails, on purpose
+    # The saved trace notes what /proc gave for each syscall entry, in order.
+    asked = [
+        json.loads(line.split(" ", 1)[1])["path"]
+        for line in trace.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        if line.startswith(CALLER)
+    ]
+    ops_records = [r for r in records if r["type"] in ("load", "unload")]
+    assert len(asked) == len(ops_records)
+    loads = [r for r in ops_records if r["type"] == "load"]
+    proc_paths = [path for r, path in zip(ops_records, asked, strict=True) if r["type"] == "load"]
+    return PathSession(loads, proc_paths)
+
+
+def test_path_with_spaces_on_a_tmpfs_mount(paths: PathSession) -> None:
+    load = paths.loads[0]
+    assert (load["path"], load["path_source"], load["ok"]) == (str(SPACED), "kernel", True)
+
+
+def test_symlink_gives_the_real_file(paths: PathSession) -> None:
+    load = paths.loads[1]
+    assert (load["path"], load["path_source"], load["ok"]) == (str(SPACED), "kernel", True)
+
+
+def test_duplicate_load_failing_at_once_still_has_its_path(paths: PathSession) -> None:
+    dup = paths.loads[2]
+    assert (dup["errno"], dup["path"], dup["path_source"]) == ("EEXIST", str(SPACED), "kernel")
+
+
+def test_unlinked_file_is_marked_deleted(paths: PathSession) -> None:
+    load = paths.loads[3]
+    assert (load["path"], load["path_source"]) == (f"{GONE} (deleted)", "kernel")
+
+
+def test_name_with_quotes_newline_and_fake_trace_text(paths: PathSession) -> None:
+    load = paths.loads[4]
+    assert (load["path"], load["path_source"], load["ok"]) == (str(EVIL), "kernel", True)
+
+
+def test_deeper_than_the_kernel_names_reach(paths: PathSession) -> None:
+    # The kernel's names end below the top; /proc, read while the call was in flight,
+    # agrees with every one of them and completes the path.
+    load = paths.loads[5]
+    assert paths.proc_paths[5] == str(DEEP)
+    assert (load["path"], load["path_source"]) == (str(DEEP), "proc")
+
+
+def test_kernel_and_proc_agree(paths: PathSession) -> None:
+    load = paths.loads[6]
+    assert paths.proc_paths[6] == str(SPACED)
+    assert (load["path"], load["path_source"]) == (str(SPACED), "kernel")
+
+
+def test_debian_module_under_lib_modules(paths: PathSession) -> None:
+    load = paths.loads[7]
+    real = os.path.realpath(debian_module())  # /lib may be a symlink to usr/lib
+    assert (load["path"], load["path_source"]) == (real, "kernel")
+
+
+def test_every_load_was_one_record(paths: PathSession) -> None:
+    assert [r["ok"] for r in paths.loads[:7]] == [True, True, False, True, True, True, True]
+    assert len(paths.loads) == 8
+    assert os.path.ismount(TOP)
