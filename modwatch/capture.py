@@ -263,6 +263,10 @@ class Capture:
         )
         self._guard(fs.write, os.path.join(base, "trace_clock"), clock_name)
         clock = TraceClock(time.time_ns() // 1000 - time.clock_gettime_ns(clock_id) // 1000)
+        for spec in probe_set.probes:
+            if spec.filter is not None:
+                filter_path = os.path.join(base, "events", group, spec.event, "filter")
+                self._guard(fs.write, filter_path, spec.filter)
         enables = [os.path.join(base, "events", group, "enable")]
         enables += [
             os.path.join(base, "events", t.system, t.event, "enable") for t in probe_set.tracepoints

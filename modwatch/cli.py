@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 from typing import IO, Annotated
 
+import orjson
 import typer
 
-from modwatch import __version__, capture, events
+from modwatch import __version__, capture, doctor, events
 from modwatch.errors import EXIT_STATUS_HELP, ExitStatus, ModwatchError
-from modwatch.output import JsonlWriter, TableWriter, Writer
+from modwatch.output import JsonlWriter, TableWriter, Writer, printable
 from modwatch.probes import new_group
 
 _STATUS_TABLE = "\n\n".join(f"{int(s)}: {text}" for s, text in EXIT_STATUS_HELP.items())
@@ -129,6 +130,9 @@ def capture_command(
             print(f"# {choice}")
         for spec in probe_set.probes:
             print(spec.definition())
+        for spec in probe_set.probes:
+            if spec.filter is not None:
+                print(f"# filter {spec.event}: {spec.filter}")
         for tp in probe_set.tracepoints:
             print(f"# enable tracepoint {tp.system}:{tp.event}")
         return
@@ -230,6 +234,47 @@ def events_command() -> None:
             tags = ",".join(arg.tags)
             print(f"    {arg.name:<14} {arg.type:<24} {tags:<9} {arg.meaning}")
         print()
+
+
+@app.command("doctor")
+def doctor_command(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document instead of lines of text.")
+    ] = False,
+) -> None:
+    """Check whether capture can run here, and where each record field will come from.
+
+    One line per check (privileges, tracefs, kprobe events, lockdown, BTF, tracefs
+    features, each probed symbol), then the fields and a verdict. Writes nothing to
+    tracefs (mounts it where capture would, if it is not mounted).
+
+    Exit status: 0 capture fully works; 11 it works, degraded (warn lines);
+    12 it cannot run (fail lines).
+    """
+    report = doctor.examine()
+    status = {
+        doctor.WORKS: ExitStatus.OK,
+        doctor.DEGRADED: ExitStatus.DEGRADED,
+        doctor.IMPOSSIBLE: ExitStatus.IMPOSSIBLE,
+    }[report.verdict]
+    if as_json:
+        document = {
+            "v": 1,
+            "verdict": report.verdict,
+            "checks": [
+                {"check": c.name, "status": c.status, "detail": c.detail} for c in report.checks
+            ],
+            "fields": report.fields,
+        }
+        sys.stdout.buffer.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        for check in report.checks:
+            print(f"{check.status:<5} {check.name}: {printable(check.detail)}")
+        for name, source in report.fields.items():
+            print(f"field {name}: {source}")
+        print(f"verdict: {report.verdict}")
+    sys.stdout.flush()
+    raise typer.Exit(int(status))
 
 
 @app.command("version")

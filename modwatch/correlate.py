@@ -95,6 +95,7 @@ class _Operation:
     init_ret: int | None = None
     taints: list[str] | None = None
     file_seen: bool = False
+    kernel_uid: int | None = None
     kernel_path: filepath.KernelPath | None = None
 
 
@@ -156,6 +157,10 @@ class Correlator:
             op.module = _str(f["name"]) or op.module
         elif kind == "do_init_module_ret":
             op.init_ret = _int(f["ret"])
+        elif kind == "caller_cred":
+            # The permission check's credentials; the module's init may check others.
+            if op.kernel_uid is None and not op.init_ran:
+                op.kernel_uid = _int(f["uid"])
         elif kind == "module_file":
             op.passed_permission = True
             # The first file read of a finit_module is the module's own; the module's
@@ -241,6 +246,6 @@ class Correlator:
             "taints": op.taints,
             "pid": op.caller.pid,
             "tid": op.tid,
-            "uid": op.caller.uid,
+            "uid": op.kernel_uid if op.kernel_uid is not None else op.caller.uid,
             "comm": op.comm,
         }

@@ -19,6 +19,8 @@ class ExitStatus(enum.IntEnum):
     OUTPUT_ERROR = 8
     TRACE_GONE = 9  # the instance, a probe or tracefs vanished under a running capture
     BAD_TRACE_FILE = 10
+    DEGRADED = 11  # doctor: capture runs, with fields or callers missing
+    IMPOSSIBLE = 12  # doctor: capture cannot run here
 
 
 EXIT_STATUS_HELP = {
@@ -33,6 +35,8 @@ EXIT_STATUS_HELP = {
     ExitStatus.OUTPUT_ERROR: "output file not writable, or writing to it failed",
     ExitStatus.TRACE_GONE: "modwatch's tracefs instance or probes were removed while it ran",
     ExitStatus.BAD_TRACE_FILE: "--replay file unreadable or not a modwatch trace",
+    ExitStatus.DEGRADED: "doctor: capture works here, with something missing (see its warn lines)",
+    ExitStatus.IMPOSSIBLE: "doctor: capture cannot run here (see its fail lines)",
 }
 
 

@@ -107,6 +107,16 @@ CATALOGUE: tuple[RawEvent, ...] = (
         "the module's init returned (OPT)",
     ),
     RawEvent(
+        "caller_cred",
+        "kprobe security_capable, filtered to cap == 16 (CAP_SYS_MODULE)",
+        (
+            Arg("cap", "int", ("K",), "the capability checked"),
+            Arg("uid", "uid_t", ("K",), "the caller's real uid (struct cred)"),
+            Arg("euid", "uid_t", ("K",), "the caller's effective uid"),
+        ),
+        "the permission check of a module syscall, refused callers included (OPT)",
+    ),
+    RawEvent(
         "module_file",
         "kprobe security_kernel_read_file",
         (

@@ -21,6 +21,7 @@ GROUP_PREFIX = "modwatch_"
 # Offset of `name` in struct module (after `state` and `list`) on 64-bit kernels from
 # 4.x to 6.18 unless built with randstruct; used only when the kernel has no BTF.
 MODULE_NAME_OFFSET = 24
+CAP_SYS_MODULE = 16  # include/uapi/linux/capability.h
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class ProbeSpec:
     is_return: bool
     args: tuple[FetchArg, ...]
     compat: bool = False  # a 32-bit syscall entry point
+    # An event filter for modwatch's instance: only events that match are recorded.
+    filter: str | None = None
 
     def __post_init__(self) -> None:
         # Strings are printed raw, unescaped: only the trailing fields may be strings,
@@ -312,6 +315,36 @@ def build_probe_set(
         args = (FetchArg("id", a2, "s32"), *(FetchArg(a.name, a.fetch, a.type) for a in file_args))
         probes.append(
             ProbeSpec("module_file", group, event("module_file", False), symbol, False, args)
+        )
+
+    # The permission check: capable(CAP_SYS_MODULE) reaches security_capable(cred, ns,
+    # cap, opts) with the caller's credentials, for every caller of the three syscalls,
+    # refused ones included. Filtered in the kernel to that capability: it runs for
+    # every capability check on the system.
+    symbol = "security_capable"
+    uid, euid = offset("cred.uid"), offset("cred.euid")
+    where = lookup(symbol)
+    if uid is None or euid is None:
+        choices.append("caller_cred: cred offsets not in BTF, uid from /proc")
+    elif where is None:
+        choices.append(f"caller_cred: {symbol} not found, uid from /proc")
+    else:
+        choices.append(f"caller_cred: {symbol} ({where}), uid from the kernel (BTF offsets)")
+        args = (
+            FetchArg("cap", arch.func_args[2], "s32"),
+            FetchArg("uid", f"+{uid}({a1})", "u32"),
+            FetchArg("euid", f"+{euid}({a1})", "u32"),
+        )
+        probes.append(
+            ProbeSpec(
+                "caller_cred",
+                group,
+                event("caller_cred", False),
+                symbol,
+                False,
+                args,
+                filter=f"cap == {CAP_SYS_MODULE}",
+            )
         )
 
     tracepoints: list[Tracepoint] = []

@@ -99,9 +99,8 @@ def session(
         first = ["finit", ko, PARAMS, "finit", ko, "note=again", "delete", "mwtest"]
         first += ["init", ko, "note=mem", "delete", "mwtest"]
         first += ["finit", ko, "fail=22", "delete", "mw_not_loaded"]
-        # The caller stays alive a moment: uid and pid are read from /proc for now.
+        # The caller exits at once: its uid and pid must come from the kernel.
         evil = ["finit", "/dev/null", EVIL, "delete", EVIL, "init", "/dev/null", EVIL]
-        evil += ["sleep", "3000"]
         # Two loaders at once, each init sleeping so that both are in flight.
         both = f"{mwload} finit {ko} delay_ms=300 & {mwload} finit {ko_b} 'delay_ms=300 note=b'"
         command = script(
@@ -261,6 +260,7 @@ def test_unprivileged_caller_cannot_forge_or_hide(session: Session) -> None:
             "uid": 65534,
             "comm": EVIL_COMM,
         }
+        assert record["pid"] == record["tid"]  # from record-tgid: mwload is one thread
 
 
 def test_insmod_and_rmmod(session: Session) -> None:
@@ -455,3 +455,15 @@ def test_rejected_probe_quotes_the_kernel_reason(tracefs: Path) -> None:
     assert str(reason) in caught.value.message
     assert "kprobe_events" in caught.value.message
 
+
+def test_doctor_finds_everything_capture_uses(tmp_path: Path) -> None:
+    out = tmp_path / "doctor.json"
+    with out.open("w") as stdout:
+        child = Child("doctor", "--json", stdout=stdout.fileno())
+    assert child.wait() == ExitStatus.OK, child.rest_of_stderr()
+    document = json.loads(out.read_text())
+    assert document["verdict"] == "works"
+    assert {c["status"] for c in document["checks"]} <= {"ok", "info"}, document["checks"]
+    assert document["fields"]["path"].startswith("kernel (security_kernel_read_file")
+    assert document["fields"]["pid"] == "kernel (record-tgid), /proc"
+    assert leftovers() == set()  # it wrote nothing to tracefs

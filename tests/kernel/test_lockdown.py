@@ -52,3 +52,12 @@ def test_dry_run_says_what_it_could_not_check(confidentiality: Path, tmp_path: P
     assert "# not checked against the running kernel: kernel lockdown" in text
     assert "\np:" in text  # the definitions it would write, all the same
 
+
+def test_doctor_says_capture_is_impossible(confidentiality: Path, tmp_path: Path) -> None:
+    out = tmp_path / "doctor.txt"
+    with out.open("w") as stdout:
+        child = Child("doctor", stdout=stdout.fileno())
+    assert child.wait() == ExitStatus.IMPOSSIBLE, child.rest_of_stderr()
+    lines = out.read_text().splitlines()
+    assert any(line.startswith("fail  lockdown: confidentiality") for line in lines), lines
+    assert lines[-1] == "verdict: impossible"

@@ -26,9 +26,34 @@ TOKEN = "d864c37967"
 TASK_COMM_LEN = 16  # the kernel's comm buffer, NUL included
 
 
-def probe_set(arch: str = "x86_64", group: str = GROUP) -> ProbeSet:
+# Struct offsets as the 6.12 guest's BTF gives them (6.1's file.f_path lies elsewhere).
+BTF_OFFSETS = {
+    "file.f_path.dentry": 72,
+    "file.f_path.mnt": 64,
+    "dentry.d_parent": 24,
+    "dentry.d_name.name": 40,
+    "dentry.d_name.len": 36,
+    "dentry.d_hash.pprev": 16,
+    "vfsmount.mnt_root": 0,
+    "mount.mnt": 32,
+    "mount.mnt_parent": 16,
+    "mount.mnt_mountpoint": 24,
+    "module.name": 24,
+    "cred.uid": 8,
+    "cred.euid": 24,
+}
+
+
+def probe_set(
+    arch: str = "x86_64", group: str = GROUP, offsets: Mapping[str, int] | None = None
+) -> ProbeSet:
+    """The probe set of a kernel with every symbol; with `offsets`, as if it had BTF."""
     return probes.build_probe_set(
-        group, probes.ARCHES[arch], lambda s: "available_filter_functions", lambda sys, ev: True
+        group,
+        probes.ARCHES[arch],
+        lambda s: "available_filter_functions",
+        lambda sys, ev: True,
+        (offsets or {}).get,
     )
 
 

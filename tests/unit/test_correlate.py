@@ -510,3 +510,31 @@ def test_trace_clock_iso_is_exact_to_the_microsecond(wall_us: int) -> None:
     offset = wall_us // 2
     expected = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=wall_us)
     assert TraceClock(offset).iso(wall_us - offset) == expected.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_uid_of_the_permission_check_wins_over_proc_and_stays_the_first() -> None:
+    # /proc answers with the thread's uid later (after a setuid, or a reused tid); the
+    # kernel's credentials at the permission check are the caller's.
+    enricher = FakeEnricher({250: Caller(250, 0, None)})
+    records = feed(
+        Correlator(CLOCK, enricher),
+        [
+            finit(250, 256_978_274),
+            ev("caller_cred", 250, 256_978_300, cap=16, uid=65534, euid=65534),
+            ev("caller_cred", 250, 256_978_400, cap=16, uid=0, euid=0),
+            ev("finit_module_ret", 250, 256_984_255, ret=-1),
+        ],
+    )
+    assert [(r["uid"], r["stage"]) for r in records] == [(65534, "permission")]
+
+
+def test_uid_from_the_kernel_when_the_caller_is_gone() -> None:
+    records = feed(
+        Correlator(CLOCK, FakeEnricher()),
+        [
+            finit(251, 1_000),
+            ev("caller_cred", 251, 1_010, cap=16, uid=1000, euid=0),
+            ev("finit_module_ret", 251, 1_020, ret=-1),
+        ],
+    )
+    assert records[0]["uid"] == 1000

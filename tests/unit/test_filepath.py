@@ -14,30 +14,11 @@ from modwatch.probes import ProbeSet, ProbeSpec
 
 from . import kernel_text as kt
 
-# Offsets seen in the 6.12 guest's BTF; 6.1's file.f_path lies elsewhere, as may others.
-OFFSETS = {
-    "file.f_path.dentry": 72,
-    "file.f_path.mnt": 64,
-    "dentry.d_parent": 24,
-    "dentry.d_name.name": 40,
-    "dentry.d_name.len": 36,
-    "dentry.d_hash.pprev": 16,
-    "vfsmount.mnt_root": 0,
-    "mount.mnt": 32,
-    "mount.mnt_parent": 16,
-    "mount.mnt_mountpoint": 24,
-    "module.name": 24,
-}
+OFFSETS = kt.BTF_OFFSETS
 
 
 def probe_set(offsets: dict[str, int] = OFFSETS) -> ProbeSet:
-    return probes.build_probe_set(
-        kt.GROUP,
-        probes.ARCHES["x86_64"],
-        lambda s: "available_filter_functions",
-        lambda sys, ev: True,
-        offsets.get,
-    )
+    return kt.probe_set(offsets=offsets)
 
 
 def file_spec(pset: ProbeSet | None = None) -> ProbeSpec:

@@ -32,3 +32,23 @@ def test_kernel_without_kprobe_events_is_a_clear_error() -> None:
     assert proc.stderr.count("\n") == 1
     assert "CONFIG_KPROBE_EVENTS" in proc.stderr
     assert not any(n.startswith("modwatch_") for n in os.listdir(Path(str(ROOT), "instances")))
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or ROOT is None or Path(ROOT, "kprobe_events").exists(),
+    reason="needs root and a mounted tracefs on a kernel without kprobe events",
+)
+def test_doctor_says_why_capture_cannot_run() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "modwatch", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == ExitStatus.IMPOSSIBLE, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "ok    privileges: root"
+    assert any(
+        line.startswith("fail  kprobe events:") and "CONFIG_KPROBE_EVENTS" in line for line in lines
+    )
+    assert lines[-1] == "verdict: impossible"

@@ -277,3 +277,10 @@ def test_current_arch(monkeypatch: pytest.MonkeyPatch) -> None:
         probes.current_arch()
     assert err.value.status == ExitStatus.NO_KPROBES
     assert "riscv64" in err.value.message
+
+
+def test_caller_cred_probe_is_filtered_to_cap_sys_module() -> None:
+    spec = next(p for p in kt.probe_set(offsets=kt.BTF_OFFSETS).probes if p.kind == "caller_cred")
+    assert spec.symbol == "security_capable"
+    assert spec.filter == "cap == 16"
+    assert [a.text() for a in spec.args] == ["cap=%dx:s32", "uid=+8(%di):u32", "euid=+24(%di):u32"]
