@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import select
 import signal
@@ -26,7 +27,14 @@ from modwatch import btf, tracefs
 from modwatch.correlate import Correlator, Enricher, Record, TraceClock
 from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.parser import Event, Lost, Parser, Unparsed
-from modwatch.probes import GROUP_PREFIX, ProbeSet, build_probe_set, current_arch, new_group
+from modwatch.probes import (
+    GROUP_PREFIX,
+    ProbeSet,
+    build_probe_set,
+    build_tracepoint_set,
+    current_arch,
+    new_group,
+)
 from modwatch.procfs import PROCFS_PATH, ProcEnricher
 from modwatch.tracefile import SavedTrace, TraceWriter
 
@@ -52,6 +60,7 @@ class Options:
     raw: bool = False
     save_trace: IO[str] | None = None
     command: list[str] | None = None
+    no_kprobes: bool = False  # tracepoints only, as on a kernel without kprobe events
 
 
 @dataclass
@@ -123,18 +132,14 @@ def open_tracefs() -> tracefs.Tracefs:
                 ExitStatus.NO_TRACEFS,
             ) from err
         root = tracefs.DEFAULT_MOUNTPOINT
-    fs = tracefs.Tracefs(root)
-    if not fs.exists("kprobe_events"):
-        raise ModwatchError(
-            f"modwatch: {fs.path('kprobe_events')} does not exist: this kernel was built "
-            "without CONFIG_KPROBE_EVENTS, which modwatch needs",
-            ExitStatus.NO_KPROBES,
-        )
-    return fs
+    return tracefs.Tracefs(root)
 
 
-def plan(fs: tracefs.Tracefs, group: str) -> ProbeSet:
-    """The probe set for the running kernel, chosen from what it offers."""
+def plan(fs: tracefs.Tracefs, group: str, kprobes: bool = True) -> ProbeSet:
+    """The probe set for the running kernel, chosen from what it offers: kprobes where
+    the kernel has kprobe events (and `kprobes` is true), else its tracepoints alone."""
+    if not kprobes or not fs.exists("kprobe_events"):
+        return build_tracepoint_set(group, fs.has_tracepoint)
     functions = fs.available_functions()
     kallsyms: set[str] | None = None
 
@@ -151,13 +156,21 @@ def plan(fs: tracefs.Tracefs, group: str) -> ProbeSet:
     return dataclasses.replace(probe_set, choices=(note, *probe_set.choices))
 
 
+@functools.cache
+def _kernel_btf(path: str) -> btf.BTF | btf.BTFError:
+    """The kernel's BTF, read once per process (it does not change while it runs)."""
+    try:
+        return btf.BTF.load(path)
+    except btf.BTFError as err:
+        return err
+
+
 def btf_offsets() -> tuple[Callable[[str], int | None], str]:
     """Struct member offsets of the running kernel from its BTF (None for a member it
     lacks, or for every member without BTF), and a note saying where they came from."""
-    try:
-        types = btf.BTF.load(btf.VMLINUX)
-    except btf.BTFError as err:
-        return (lambda member: None), f"BTF: none ({err}): no offsets beyond stable ones"
+    types = _kernel_btf(btf.VMLINUX)
+    if isinstance(types, btf.BTFError):
+        return (lambda member: None), f"BTF: none ({types}): no offsets beyond stable ones"
 
     def offset(member: str) -> int | None:
         try:
@@ -168,19 +181,23 @@ def btf_offsets() -> tuple[Callable[[str], int | None], str]:
     return offset, f"BTF: {btf.VMLINUX} ({len(types)} types)"
 
 
-def plan_offline(group: str) -> tuple[ProbeSet, str | None]:
+def plan_offline(group: str, kprobes: bool = True) -> tuple[ProbeSet, str | None]:
     """The probe set for --dry-run: checked against the running kernel when tracefs can
     be read, else the architecture's defaults and the reason they are unchecked."""
     try:
         fs = open_tracefs()
     except ModwatchError as err:
+        if not kprobes:
+            return build_tracepoint_set(group, lambda s, e: True), err.message.removeprefix(
+                "modwatch: "
+            )
         offset, note = btf_offsets()
         probe_set = build_probe_set(
             group, current_arch(), lambda s: "unchecked", lambda s, e: True, offset
         )
         probe_set = dataclasses.replace(probe_set, choices=(note, *probe_set.choices))
         return probe_set, err.message.removeprefix("modwatch: ")
-    return plan(fs, group), None
+    return plan(fs, group, kprobes), None
 
 
 def _install_signal_handlers() -> dict[int, Any]:
@@ -241,7 +258,7 @@ class Capture:
         fs = open_tracefs()
         self.leftovers = remove_leftovers(fs)
         group = new_group(os.getpid())
-        probe_set = self.probe_set = plan(fs, group)
+        probe_set = self.probe_set = plan(fs, group, not self.options.no_kprobes)
 
         # Teardown runs in reverse: the instance is removed before the probes, because
         # removing it disables its events and an enabled probe cannot be removed.
@@ -267,7 +284,7 @@ class Capture:
             if spec.filter is not None:
                 filter_path = os.path.join(base, "events", group, spec.event, "filter")
                 self._guard(fs.write, filter_path, spec.filter)
-        enables = [os.path.join(base, "events", group, "enable")]
+        enables = [os.path.join(base, "events", group, "enable")] if probe_set.kprobes else []
         enables += [
             os.path.join(base, "events", t.system, t.event, "enable") for t in probe_set.tracepoints
         ]

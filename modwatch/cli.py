@@ -96,6 +96,14 @@ def capture_command(
         bool,
         typer.Option("--raw", help="One record per kernel event (see `modwatch events`)."),
     ] = False,
+    no_kprobes: Annotated[
+        bool,
+        typer.Option(
+            "--no-kprobes",
+            help="Capture from tracepoints only, as on a kernel without kprobe events "
+            "(what --dry-run shows as missing: params, init_ret, paths and uids from /proc).",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the probe definitions and exit; touch nothing."),
@@ -122,7 +130,7 @@ def capture_command(
     modwatch made are removed on the way out.
     """
     if dry_run:
-        probe_set, unchecked = capture.plan_offline(new_group(os.getpid()))
+        probe_set, unchecked = capture.plan_offline(new_group(os.getpid()), not no_kprobes)
         print(f"# probe group and instance: {probe_set.group}")
         if unchecked:
             print(f"# not checked against the running kernel: {unchecked}")
@@ -160,6 +168,7 @@ def capture_command(
         raw=raw,
         save_trace=trace_file,
         command=command or None,
+        no_kprobes=no_kprobes,
     )
     cap = capture.Capture(options)
     cap.on_armed = _banner

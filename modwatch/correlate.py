@@ -103,6 +103,10 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _task(task: str) -> str | None:
+    return None if task == "<...>" else task
+
+
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) else None
 
@@ -200,7 +204,8 @@ class Correlator:
             syscall=ev.kind,
             tid=ev.tid,
             ts_us=ev.ts_us,
-            comm=_str(ev.fields.get("comm")),
+            # Without kprobes (syscall tracepoints) only the line prefix names the task.
+            comm=_str(ev.fields["comm"]) if "comm" in ev.fields else _task(ev.task),
             flags_raw=_int(ev.fields.get("flags")),
             caller=self.enricher.caller(ev.tid, ev.ts_us, _int(ev.fields.get("fd"))),
         )

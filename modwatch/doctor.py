@@ -71,14 +71,15 @@ def examine() -> Report:
     _btf(report)
     if fs is None or mode == "confidentiality":
         return report
-    if not fs.exists("kprobe_events"):
+    if fs.exists("kprobe_events"):
+        report.add("kprobe events", OK, fs.path("kprobe_events"))
+    else:
         report.add(
             "kprobe events",
-            FAIL,
-            f"{fs.path('kprobe_events')} missing: kernel built without CONFIG_KPROBE_EVENTS",
+            WARN,
+            f"{fs.path('kprobe_events')} missing: kernel built without CONFIG_KPROBE_EVENTS; "
+            "capture falls back to tracepoints",
         )
-        return report
-    report.add("kprobe events", OK, fs.path("kprobe_events"))
     try:
         readme = fs.read("README")
     except OSError as err:
@@ -89,7 +90,7 @@ def examine() -> Report:
     try:
         probe_set = capture.plan(fs, new_group(os.getpid()))
     except ModwatchError as err:
-        report.add("symbols", FAIL, err.message.removeprefix("modwatch: "))
+        report.add("probes", FAIL, err.message.removeprefix("modwatch: "))
         return report
     for choice in probe_set.choices:
         name, _, detail = choice.partition(": ")
@@ -139,6 +140,17 @@ def fields_from(probe_set: ProbeSet, record_tgid: bool) -> dict[str, str]:
     def source(kind: str, text: str, otherwise: str = "unavailable") -> str:
         return text if kind in kinds else otherwise
 
+    if not probe_set.kprobes:
+        return {
+            "syscall, flags, ret, errno, ok, tid": "kernel (syscall tracepoints)",
+            "comm": "the trace line's task name (may be <...>)",
+            "module": source("module_load", "kernel (module:module_load), successful loads only"),
+            "taints": source("module_load", "kernel (tracepoint module:module_load)"),
+            "path": "/proc/PID/fd/FD while the call is in flight (racy)",
+            "pid": "kernel (record-tgid), /proc" if record_tgid else "/proc/PID/status",
+            "uid": "/proc/PID/status while the caller lives",
+            "params, init_ret": "unavailable without kprobe events",
+        }
     return {
         "syscall, flags, ret, errno, ok, tid, comm": "kernel (syscall entry and return probes)",
         "module": source("find_module", "kernel (find_module_all, do_init_module)"),

@@ -29,7 +29,8 @@ EXIT_STATUS_HELP = {
     ExitStatus.USAGE: "bad command line",
     ExitStatus.NOT_ROOT: "not root",
     ExitStatus.NO_TRACEFS: "tracefs not mounted and not mountable",
-    ExitStatus.NO_KPROBES: "kernel without kprobe events (or without a required symbol)",
+    ExitStatus.NO_KPROBES: "kernel with neither kprobe events nor the module syscalls' "
+    "tracepoints, or without a required symbol",
     ExitStatus.LOCKDOWN: "kernel lockdown in confidentiality mode forbids tracing",
     ExitStatus.PROBE_REJECTED: "the kernel rejected a probe definition (its error_log is quoted)",
     ExitStatus.OUTPUT_ERROR: "output file not writable, or writing to it failed",

@@ -26,7 +26,7 @@ _HEADER = re.compile(
     r"(?:\((?: *(?P<tgid>\d+)|-+)\) +)?"
     r"\[(?P<cpu>\d+)\] +"
     r"(?:(?P<flags>\S{4,5}) +)?"
-    r"(?P<sec>\d+)\.(?P<usec>\d{6}): (?P<event>[A-Za-z_]\w*): ?"
+    r"(?P<sec>\d+)\.(?P<usec>\d{6}): (?P<event>[A-Za-z_]\w*)(?:: ?|(?=\(| -> ))"
 )
 # The count is missing when the kernel could not tell how many were lost.
 _LOST = re.compile(r"CPU:(?P<cpu>\d+) \[LOST (?:(?P<count>\d+) )?EVENTS\]")
@@ -145,19 +145,55 @@ _TRACEPOINT_BODY = {
 }
 
 
+# The syscalls' own tracepoints (kernel/trace/trace_syscalls.c) print `sys_X(fd: 3,
+# uargs: 7fff76679e42, flags: 0)` at entry and `sys_X -> 0x0` at exit: every value an
+# unsigned long in hex, without 0x at entry (seen on 6.1 and 6.12).
+_SYSCALL_ARGS = {
+    "finit_module": (("fd", "fd"), ("uargs", "param_values"), ("flags", "flags")),
+    "init_module": (("umod", "module_image"), ("len", "len"), ("uargs", "param_values")),
+    "delete_module": (("name_user", "name"), ("flags", "flags")),
+}
+_HEX = "(?P<{}>[0-9a-f]+)"
+# Values to read back as signed: the kernel printed them as unsigned long.
+_SIGNED = {"fd": 32, "ret": 64}
+
+
+def _syscall_pattern(tp: Tracepoint) -> re.Pattern[str]:
+    if tp.event.startswith("sys_exit_"):
+        return re.compile(" -> 0x" + _HEX.format("ret"))
+    args = _SYSCALL_ARGS[tp.kind]
+    return re.compile(
+        r"\(" + ", ".join(f"{name}: {_HEX.format(field)}" for name, field in args) + r"\)"
+    )
+
+
 class _Kind(NamedTuple):
     kind: str
     compat: bool
     pattern: re.Pattern[str]
     numeric: dict[str, int]  # field -> base for int()
     counted: tuple[tuple[str, str], ...] = ()
+    signed: bool = False  # syscall tracepoint values, printed as unsigned long
 
 
 def _kind_of(spec: ProbeSpec | Tracepoint) -> _Kind:
     if isinstance(spec, Tracepoint):
+        if spec.system == "syscalls":
+            pattern = _syscall_pattern(spec)
+            numeric = dict.fromkeys(pattern.groupindex, 16)
+            return _Kind(spec.kind, False, pattern, numeric, signed=True)
         return _Kind(spec.kind, False, _TRACEPOINT_BODY[spec.event], {})
     numeric = {a.name: 16 if a.type[0] == "x" else 10 for a in spec.args if not a.is_string}
     return _Kind(spec.kind, spec.compat, body_pattern(spec), numeric, counted_strings(spec))
+
+
+def _signed(fields: dict[str, int | str | None]) -> None:
+    """Read back as signed what the syscall tracepoints print as unsigned long."""
+    for name, bits in _SIGNED.items():
+        value = fields.get(name)
+        if isinstance(value, int):
+            value &= (1 << bits) - 1
+            fields[name] = value - (1 << bits) if value >> (bits - 1) else value
 
 
 def _width(text: str) -> int:
@@ -186,7 +222,11 @@ class Parser:
     trace_pipe returns them); `flush` ends the input."""
 
     def __init__(self, events: dict[str, ProbeSpec | Tracepoint]) -> None:
-        self._kinds = {name: _kind_of(spec) for name, spec in events.items()}
+        # By the name trace_pipe prints: a syscall's entry and exit tracepoints share one.
+        self._kinds: dict[str, list[_Kind]] = {}
+        for name, spec in events.items():
+            printed = spec.printed if isinstance(spec, Tracepoint) else name
+            self._kinds.setdefault(printed, []).append(_kind_of(spec))
         self._partial = ""
         self._header: re.Match[str] | None = None
         self._header_line = ""
@@ -274,15 +314,19 @@ class Parser:
     def _event(self, more: list[str]) -> Event | None:
         header = self._header
         assert header is not None
-        kind = self._kinds[header["event"]]
         body = "\n".join([self._header_line[header.end() :], *more])
-        m = kind.pattern.fullmatch(body)
-        if m is None:
+        for kind in self._kinds[header["event"]]:
+            m = kind.pattern.fullmatch(body)
+            if m is not None:
+                break
+        else:
             return None
         fields: dict[str, int | str | None] = {}
         for name, value in m.groupdict().items():
             base = kind.numeric.get(name)
             fields[name] = int(value, base) if base is not None and value is not None else value
+        if kind.signed:
+            _signed(fields)
         if kind.counted:
             counted = cut_counted(str(fields.pop("_counted")), kind.counted, fields)
             if counted is None:

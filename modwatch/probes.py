@@ -104,6 +104,20 @@ class Tracepoint:
 
     @property
     def kind(self) -> str:
+        """The raw event's name: syscalls:sys_enter_X is X, sys_exit_X is X_ret, as for
+        the kprobes on the syscalls."""
+        if self.system == "syscalls":
+            if self.event.startswith("sys_enter_"):
+                return self.event.removeprefix("sys_enter_")
+            return self.event.removeprefix("sys_exit_") + "_ret"
+        return self.event
+
+    @property
+    def printed(self) -> str:
+        """The name trace_pipe prints: syscall events print `sys_X(...)` and `sys_X -> R`,
+        without the event's own name."""
+        if self.system == "syscalls":
+            return "sys_" + self.kind.removesuffix("_ret")
         return self.event
 
 
@@ -168,6 +182,11 @@ class ProbeSet:
         table: dict[str, ProbeSpec | Tracepoint] = {p.event: p for p in self.probes}
         table.update({t.event: t for t in self.tracepoints})
         return table
+
+    @property
+    def kprobes(self) -> bool:
+        """False for the degraded set of a kernel without kprobe events."""
+        return bool(self.probes)
 
 
 def new_group(pid: int) -> str:
@@ -355,3 +374,44 @@ def build_probe_set(
         else:
             choices.append(f"{tp_event}: tracepoint module:{tp_event} not found, no {gives}")
     return ProbeSet(group, tuple(probes), tuple(tracepoints), tuple(choices))
+
+
+# What a capture from tracepoints alone cannot give (no kprobe events).
+DEGRADED_FIELDS = (
+    "params",
+    "init_ret",
+    "path (from /proc only)",
+    "uid (from /proc only)",
+    "module of failed loads and of unloads",
+    "comm exact (the trace prefix's task name, maybe <...>)",
+)
+
+
+def build_tracepoint_set(group: str, tracepoints_available: Callable[[str, str], bool]) -> ProbeSet:
+    """The degraded probe set of a kernel without kprobe events: the syscalls' own
+    tracepoints and module:module_load/module_free, where present."""
+    tracepoints: list[Tracepoint] = []
+    choices = ["kprobes: none, capture from tracepoints: no " + ", no ".join(DEGRADED_FIELDS)]
+    for name, _ in _SYSCALLS:
+        pair = [
+            Tracepoint("syscalls", f"sys_enter_{name}"),
+            Tracepoint("syscalls", f"sys_exit_{name}"),
+        ]
+        if all(tracepoints_available(t.system, t.event) for t in pair):
+            tracepoints += pair
+            choices.append(f"{name}: tracepoints syscalls:sys_enter_{name}, sys_exit_{name}")
+        else:
+            choices.append(f"{name}: tracepoints syscalls:sys_enter_{name} not found, unseen")
+    if not tracepoints:
+        raise ModwatchError(
+            "modwatch: this kernel has neither kprobe events (CONFIG_KPROBE_EVENTS) nor the "
+            "module syscalls' tracepoints (CONFIG_FTRACE_SYSCALLS), which modwatch needs",
+            ExitStatus.NO_KPROBES,
+        )
+    for tp_event in ("module_load", "module_free"):
+        if tracepoints_available("module", tp_event):
+            tracepoints.append(Tracepoint("module", tp_event))
+            choices.append(f"{tp_event}: tracepoint module:{tp_event}")
+        else:
+            choices.append(f"{tp_event}: tracepoint module:{tp_event} not found")
+    return ProbeSet(group, (), tuple(tracepoints), tuple(choices))

@@ -36,7 +36,7 @@ class TraceWriter:
     def __init__(self, stream: IO[str], probe_set: ProbeSet, clock_offset_us: int) -> None:
         self.stream = stream
         self.marker = caller_marker(probe_set.group)
-        lines = [MAGIC, f"# clock-offset-us: {clock_offset_us}"]
+        lines = [MAGIC, f"# group: {probe_set.group}", f"# clock-offset-us: {clock_offset_us}"]
         lines += [f"# probe: {p.definition()}" for p in probe_set.probes]
         lines += [f"# tracepoint: {t.system}/{t.event}" for t in probe_set.tracepoints]
         stream.write("\n".join(lines) + "\n")
@@ -71,11 +71,13 @@ class SavedTrace:
                     )
                 header = True
                 marker = None
+                group = ""
                 for line in f:
                     header = header and line.startswith("# ")
                     if not header:
                         if marker is None:
-                            marker = caller_marker(probes[0].group if probes else "")
+                            group = group or (probes[0].group if probes else "")
+                            marker = caller_marker(group)
                         if line.startswith(marker):
                             entry = json.loads(line[len(marker) :])
                             self.callers[(entry["tid"], entry["ts_us"])] = Caller(
@@ -86,6 +88,8 @@ class SavedTrace:
                     elif line.startswith("# tracepoint: "):
                         system, _, event = line[len("# tracepoint: ") :].strip().partition("/")
                         tracepoints.append(Tracepoint(system, event))
+                    elif line.startswith("# group: "):
+                        group = line[len("# group: ") :].strip()
                     elif line.startswith("# clock-offset-us: "):
                         self.clock_offset_us = int(line.split(":", 1)[1])
         except OSError as err:
@@ -96,7 +100,7 @@ class SavedTrace:
             raise ModwatchError(
                 f"modwatch: {path} is a damaged modwatch trace: {err}", ExitStatus.BAD_TRACE_FILE
             ) from err
-        group = probes[0].group if probes else ""
+        group = group or (probes[0].group if probes else "")
         self.marker = caller_marker(group)
         self.probe_set = ProbeSet(group, tuple(probes), tuple(tracepoints), ())
 

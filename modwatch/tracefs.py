@@ -187,6 +187,9 @@ class Tracefs:
                     pass
 
     def probe_lines(self) -> list[str]:
+        """kprobe_events, one definition per line; none on a kernel without it."""
+        if not self.exists("kprobe_events"):
+            return []
         return list(self.lines("kprobe_events"))
 
     def has_group(self, group: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import pytest
 from typer.testing import CliRunner
 
-from modwatch import cli
+from modwatch import capture, cli
 from modwatch import tracefs as tracefs_mod
 from modwatch.capture import Capture, Options
 from modwatch.errors import ExitStatus, ModwatchError
@@ -54,6 +54,14 @@ def leftovers() -> set[str]:
     }
     instances = {n for n in os.listdir(TRACEFS / "instances") if n.startswith("modwatch_")}
     return {f"group {g}" for g in groups} | {f"instance {i}" for i in instances}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_btf_read_once() -> None:
+    """Read the kernel's BTF in pytest's process, so that the sessions forked from it
+    do not each read it again (seconds under emulation; modwatch reads it once per
+    process)."""
+    capture.btf_offsets()
 
 
 @pytest.fixture(autouse=True)
@@ -467,3 +475,26 @@ def test_doctor_finds_everything_capture_uses(tmp_path: Path) -> None:
     assert document["fields"]["path"].startswith("kernel (security_kernel_read_file")
     assert document["fields"]["pid"] == "kernel (record-tgid), /proc"
     assert leftovers() == set()  # it wrote nothing to tracefs
+
+
+def test_tracepoints_only(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
+    # What a kernel without kprobe events gives: the syscalls' own tracepoints and
+    # module:module_load/module_free, read here from this kernel for real.
+    out = tmp_path / "tp.jsonl"
+    ops = ["finit", str(mwtest_ko), "note=x", "finit", str(mwtest_ko), "", "delete", "mwtest"]
+    child = Child("capture", "--no-kprobes", "-o", str(out), "--", mwload, *ops)
+    assert child.wait() == 1, child.rest_of_stderr()  # the duplicate load fails
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    got = [
+        (r["syscall"], r["module"], r["ret"], r["errno"], r["stage"], r["params"], r["init_ret"])
+        for r in records
+    ]
+    assert got == [
+        ("finit_module", "mwtest", 0, None, None, None, None),
+        ("finit_module", None, -17, "EEXIST", "load", None, None),
+        ("delete_module", "mwtest", 0, None, None, None, None),
+    ]
+    assert "O" in records[0]["taints"]
+    assert records[0]["flags"] == [] and records[2]["flags"] == ["O_NONBLOCK"]
+    assert {r["pid"] for r in records} == {records[0]["tid"]}
+    assert leftovers() == set()

@@ -73,6 +73,7 @@ def test_dry_run_checked_against_a_fake_tracefs(
 ) -> None:
     root = tmp_path / "tracing"
     (root / "events" / "module" / "module_load").mkdir(parents=True)
+    (root / "kprobe_events").write_text("")
     (root / "available_filter_functions").write_text(
         "__x64_sys_finit_module\n__x64_sys_init_module\n__x64_sys_delete_module\n"
         "load_module\nparse_args\nfind_module_all\ndo_init_module\nmwtest_init [mwtest]\n"

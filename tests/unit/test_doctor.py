@@ -82,7 +82,7 @@ def test_missing_symbol_is_degraded_missing_syscall_impossible(fake: Path) -> No
     assert report.fields["params"] == "unavailable"
     (fake / "available_filter_functions").write_text("load_module\n")
     report = doctor.examine()
-    assert statuses(report)["symbols"] == doctor.FAIL
+    assert statuses(report)["probes"] == doctor.FAIL
     assert report.verdict == doctor.IMPOSSIBLE
 
 
@@ -99,12 +99,25 @@ def test_lockdown_and_not_root_are_impossible(fake: Path, monkeypatch: pytest.Mo
     assert statuses(report)["privileges"] == statuses(report)["tracefs"] == doctor.FAIL
 
 
-def test_kernel_without_kprobe_events(fake: Path) -> None:
+def test_kernel_without_kprobe_events_nor_syscall_tracepoints(fake: Path) -> None:
     (fake / "kprobe_events").unlink()
     report = doctor.examine()
-    assert report.checks[-1].name == "kprobe events"
+    assert statuses(report)["kprobe events"] == doctor.WARN
+    assert report.checks[-1].name == "probes"
     assert "CONFIG_KPROBE_EVENTS" in report.checks[-1].detail
     assert report.verdict == doctor.IMPOSSIBLE
+
+
+def test_kernel_without_kprobe_events_falls_back_to_tracepoints(fake: Path) -> None:
+    (fake / "kprobe_events").unlink()
+    for name in ("finit_module", "init_module", "delete_module"):
+        for side in ("enter", "exit"):
+            (fake / "events" / "syscalls" / f"sys_{side}_{name}").mkdir(parents=True)
+    report = doctor.examine()
+    assert report.verdict == doctor.DEGRADED
+    assert statuses(report)["finit_module"] == doctor.OK
+    assert report.fields["params, init_ret"] == "unavailable without kprobe events"
+    assert report.fields["path"].startswith("/proc/PID/fd/FD")
 
 
 def test_cli_text_json_and_exit_status(fake: Path) -> None:

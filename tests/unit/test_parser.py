@@ -8,6 +8,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from modwatch import probes
+from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.parser import Event, Item, Lost, Parser, Unparsed, body_pattern
 from modwatch.probes import FetchArg, ProbeSpec
 
@@ -653,3 +655,36 @@ def test_property_parser_never_raises(pieces: list[str], data: st.DataObject) ->
     for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
         chunked += parser.feed(text[start:end])
     assert chunked + parser.flush() == items
+
+
+# -- the syscalls' own tracepoints (a kernel without kprobe events) ---------------------
+
+
+def test_syscall_tracepoints_entry_and_exit_share_a_printed_name() -> None:
+    # As printed by Debian's 6.12 (kernel test tests/kernel/test_capture.py, --no-kprobes).
+    pset = probes.build_tracepoint_set(kt.GROUP, lambda system, event: True)
+    parser = Parser(pset.by_event())
+    text = (
+        kt.prefix("insmod", 112, 2_439_966).decode()
+        + "sys_finit_module(fd: ffffffffffffffff, uargs: 55aae7f7c2a0, flags: 4)\n"
+        + kt.prefix("insmod", 112, 2_463_225).decode()
+        + "sys_finit_module -> 0xffffffffffffffef\n"
+        + kt.prefix("rmmod", 113, 2_500_000).decode()
+        + "sys_delete_module(name_user: 7ffd1234, flags: 800)\n"
+        + kt.prefix("rmmod", 113, 2_500_100).decode()
+        + "sys_delete_module -> 0x0\n"
+    )
+    items = [*parser.feed(text), *parser.flush()]
+    assert [(i.kind, i.fields) for i in items if isinstance(i, Event)] == [
+        ("finit_module", {"fd": -1, "param_values": 0x55AAE7F7C2A0, "flags": 4}),
+        ("finit_module_ret", {"ret": -17}),
+        ("delete_module", {"name": 0x7FFD1234, "flags": 0x800}),
+        ("delete_module_ret", {"ret": 0}),
+    ]
+    assert len(items) == 4
+
+
+def test_tracepoint_set_without_syscall_tracepoints_is_an_error() -> None:
+    with pytest.raises(ModwatchError, match="CONFIG_KPROBE_EVENTS") as caught:
+        probes.build_tracepoint_set(kt.GROUP, lambda system, event: system == "module")
+    assert caught.value.status == ExitStatus.NO_KPROBES

@@ -46,8 +46,9 @@ def test_header_written() -> None:
     fixture_header = kt.TRACE_FIXTURE.read_text().splitlines()[: len(lines)]
     assert lines == fixture_header
     assert lines[0] == tracefile.MAGIC
-    assert lines[1] == f"# clock-offset-us: {OFFSET}"
-    assert len(lines) == 2 + len(PSET.probes) + len(PSET.tracepoints)
+    assert lines[1] == f"# group: {PSET.group}"
+    assert lines[2] == f"# clock-offset-us: {OFFSET}"
+    assert len(lines) == 3 + len(PSET.probes) + len(PSET.tracepoints)
 
 
 def test_caller_line() -> None:
