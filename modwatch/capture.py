@@ -39,6 +39,9 @@ from modwatch.procfs import PROCFS_PATH, ProcEnricher
 from modwatch.tracefile import SavedTrace, TraceWriter
 
 READ_SIZE = 1 << 16
+# While idle, how often a session checks that its instance and probes are still there
+# (someone else may disable and remove them): a small read every few seconds.
+CHECK_INTERVAL = 5.0
 # Clocks for the instance, in order of preference, with the matching clock of ours.
 _CLOCKS = (("mono", time.CLOCK_MONOTONIC), ("boot", time.CLOCK_BOOTTIME))
 
@@ -255,7 +258,7 @@ class Capture:
                 signal.signal(signum, handler)
 
     def _arm(self, undo: contextlib.ExitStack) -> tuple[int, TraceClock, Correlator]:
-        fs = open_tracefs()
+        fs = self._fs = open_tracefs()
         self.leftovers = remove_leftovers(fs)
         group = new_group(os.getpid())
         probe_set = self.probe_set = plan(fs, group, not self.options.no_kprobes)
@@ -301,6 +304,29 @@ class Capture:
         enricher: Enricher = ProcEnricher(record=writer.caller if writer else None)
         return fd, clock, Correlator(clock, enricher)
 
+    def _check_still_armed(self) -> None:
+        """Raise if someone else removed this session's instance or probes, or disabled
+        its events: the kernel would say nothing, and the capture would see nothing."""
+        fs, probe_set = self._fs, self.probe_set
+        assert fs is not None and probe_set is not None and self.instance is not None
+        base = os.path.join("instances", self.instance)
+        enables = [
+            os.path.join(base, "events", t.system, t.event, "enable") for t in probe_set.tracepoints
+        ]
+        if probe_set.kprobes:
+            enables.append(os.path.join(base, "events", probe_set.group, "enable"))
+        try:
+            gone = not fs.exists(base) or (probe_set.kprobes and not fs.has_group(probe_set.group))
+            gone = gone or any(fs.read(enable).strip() != "1" for enable in enables)
+        except OSError:
+            gone = True
+        if gone:
+            raise ModwatchError(
+                f"modwatch: tracefs instance {self.instance} or its probes were disabled or "
+                "removed by someone else; nothing more can be captured: start modwatch again",
+                ExitStatus.TRACE_GONE,
+            )
+
     @staticmethod
     def _guard(action: Callable[..., object], *args: str) -> None:
         """Run one setup step; a refusal by tracefs becomes a ModwatchError."""
@@ -335,8 +361,12 @@ class Capture:
         emitted = 0
         try:
             while True:
-                timeout = None if deadline is None else max(0, deadline - time.monotonic())
-                ready = poller.poll(None if timeout is None else timeout * 1000)
+                timeout = CHECK_INTERVAL
+                if deadline is not None:
+                    timeout = min(timeout, max(0, deadline - time.monotonic()))
+                ready = poller.poll(timeout * 1000)
+                if not ready:
+                    self._check_still_armed()
                 for record in self._drain(fd, parser, correlator):
                     yield record
                     if record["type"] != "lost":
@@ -433,6 +463,7 @@ class Capture:
             self.stats.teardown_errors.append(f"{action.__name__}{args}: {err.strerror}")
 
     _saver: TraceWriter | None = None
+    _fs: tracefs.Tracefs | None = None
 
 
 def _raw_record(ev: Event, clock: TraceClock) -> Record:
@@ -445,4 +476,5 @@ def _raw_record(ev: Event, clock: TraceClock) -> Record:
         "tid": ev.tid,
         "compat": ev.compat,
         "args": ev.fields,
+        "escaped": None,
     }

@@ -41,6 +41,7 @@ RECORD_KEYS = (
     "tid",
     "uid",
     "comm",
+    "escaped",
 )
 # Open operations whose return never came (a missed kretprobe, lost events) are
 # emitted as incomplete once this many are held, oldest first.
@@ -253,4 +254,5 @@ class Correlator:
             "tid": op.tid,
             "uid": op.kernel_uid if op.kernel_uid is not None else op.caller.uid,
             "comm": op.comm,
+            "escaped": None,  # the writer lists strings it had to escape (not UTF-8)
         }

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
+import os
+import re
+import stat
 from typing import IO, Any, Protocol
 
 import orjson
@@ -10,23 +15,66 @@ import orjson
 from modwatch.correlate import Record
 
 
-def _clean(value: Any) -> Any:
-    """Strings hold raw kernel bytes as surrogate escapes; JSON must be valid UTF-8, so
-    such bytes are written as the text \\xNN."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
+def escape(text: str) -> str:
+    """The reversible escaping of a string that is not valid UTF-8 (raw kernel bytes are
+    held as surrogate escapes): a backslash becomes `\\\\`, a byte that is not UTF-8
+    becomes `\\xNN`, every other character stays itself."""
+    out = []
+    for ch in text:
+        if "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape(text: str) -> bytes:
+    """The bytes behind a string written by `escape`."""
+    parts = re.split(r"(\\\\|\\x[0-9a-f]{2})", text)
+    return b"".join(
+        b"\\"
+        if part == "\\\\"
+        else bytes([int(part[2:], 16)])
+        if part.startswith("\\x")
+        else part.encode()
+        for part in parts
+    )
+
+
+def _needs_escape(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _escaped(record: Record) -> Record:
+    """The record with each string that is not valid UTF-8 escaped, and the names of
+    those fields (`args.NAME` inside a raw event) listed under `escaped`."""
+    names: list[str] = []
+
+    def clean(name: str, value: Any) -> Any:
+        if isinstance(value, str) and _needs_escape(value):
+            names.append(name)
+            return escape(value)
+        if isinstance(value, list):
+            if any(isinstance(v, str) and _needs_escape(v) for v in value):
+                names.append(name)
+                return [escape(v) if isinstance(v, str) else v for v in value]
+            return value
+        if isinstance(value, dict):
+            return {k: clean(f"{name}.{k}", v) for k, v in value.items()}
+        return value
+
+    cleaned = {k: clean(k, v) for k, v in record.items()}
+    cleaned["escaped"] = sorted(names)
+    return cleaned
 
 
 def dumps(record: Record) -> bytes:
     try:
         return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-    except TypeError:  # a surrogate escape: not UTF-8 as it stands
-        return orjson.dumps(_clean(record), option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # a surrogate escape: raw bytes that are not UTF-8
+        return orjson.dumps(_escaped(record), option=orjson.OPT_APPEND_NEWLINE)
 
 
 class Writer(Protocol):
@@ -35,17 +83,38 @@ class Writer(Protocol):
 
 
 class JsonlWriter:
-    """One JSON object per line, flushed per record so a pipeline sees it at once."""
+    """One JSON object per line, written at once (a pipeline sees each record as it
+    comes). Into a regular file, a record that cannot be written whole (a full disk) is
+    cut back off, so that the file holds complete lines only."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
+        self.fd: int | None = None
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            stream.flush()
+            self.fd = stream.fileno()  # write(2) directly: no buffer to drain or undo
+        self.regular = self.fd is not None and stat.S_ISREG(os.fstat(self.fd).st_mode)
 
     def write(self, record: Record) -> None:
-        self.stream.write(dumps(record))
-        self.stream.flush()
+        data = dumps(record)
+        if self.fd is None:
+            self.stream.write(data)
+            self.stream.flush()
+            return
+        start = os.lseek(self.fd, 0, os.SEEK_END) if self.regular else None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:
+            if start is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, start)
+            raise
 
     def close(self) -> None:
-        self.stream.flush()
+        if self.fd is None:
+            self.stream.flush()
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}

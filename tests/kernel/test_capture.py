@@ -498,3 +498,39 @@ def test_tracepoints_only(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
     assert records[0]["flags"] == [] and records[2]["flags"] == ["O_NONBLOCK"]
     assert {r["pid"] for r in records} == {records[0]["tid"]}
     assert leftovers() == set()
+
+
+def test_disk_full_keeps_whole_lines_and_tears_down(
+    tmp_path: Path, mwload: str, mwtest_ko: Path
+) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "mwfull", str(full)], check=True)
+    try:
+        out = full / "out.jsonl"
+        ops = [op for _ in range(30) for op in ("finit", str(mwtest_ko), "", "delete", "mwtest")]
+        child = Child("capture", "-o", str(out), "--", mwload, *ops)
+        status, stderr = child.wait(), child.rest_of_stderr()
+        assert status == ExitStatus.OUTPUT_ERROR, stderr
+        assert "No space left on device" in stderr and "Traceback" not in stderr
+        data = out.read_bytes()
+        assert data.endswith(b"\n") and data.count(b"\n") >= 5
+        assert all(json.loads(line)["type"] in ("load", "unload") for line in data.splitlines())
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+    assert leftovers() == set()
+
+
+def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path) -> None:
+    child = Child("capture")
+    banner = child.readline()
+    group = banner.split("tracefs instance ", 1)[1].split(";", 1)[0]
+    fs = tracefs_mod.Tracefs(str(tracefs))
+    # What another root process could do: disable the session's events, remove its probes.
+    fs.write(f"instances/{group}/events/{group}/enable", "0")
+    for removal in fs.groups(group)[group]:
+        fs.remove_probe(removal, group)
+    status, stderr = child.wait(timeout=120), child.rest_of_stderr()
+    assert status == ExitStatus.TRACE_GONE, stderr
+    assert "removed by someone else" in stderr and "Traceback" not in stderr
+    assert leftovers() == set()

@@ -63,6 +63,7 @@ def test_replay_raw() -> None:
         "tid": 244,
         "compat": False,
         "args": {"fd": 3, "param_values": 0x55AAE7F7C2A0, "flags": 0, "comm": "insmod"},
+        "escaped": None,
     }
     assert records[4] == {
         "v": 1,
@@ -73,6 +74,7 @@ def test_replay_raw() -> None:
         "tid": 244,
         "compat": False,
         "args": {"name": "mwtest", "taints": "OE"},
+        "escaped": None,
     }
     assert [r["event"] for r in records[-2:]] == ["finit_module", "finit_module_ret"]
 

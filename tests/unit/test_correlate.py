@@ -90,6 +90,7 @@ def test_successful_load() -> None:
             "tid": 244,
             "uid": 0,
             "comm": "insmod",
+            "escaped": None,
         }
     ]
     assert tuple(records[0]) == RECORD_KEYS
@@ -234,6 +235,7 @@ def test_delete_module_ok() -> None:
             "tid": 246,
             "uid": 0,
             "comm": "rmmod",
+            "escaped": None,
         }
     ]
     # delete_module has no fd: nothing to resolve.
@@ -356,6 +358,7 @@ def test_return_without_entry() -> None:
             "tid": 290,
             "uid": None,
             "comm": None,
+            "escaped": None,
         }
     ]
 

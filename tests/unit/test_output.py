@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from modwatch import output
 from modwatch.correlate import RECORD_KEYS
@@ -44,30 +48,41 @@ def test_one_line_per_record_even_with_newlines_in_strings() -> None:
     assert json.loads(line)["comm"] == "a\nb"
 
 
-def test_surrogate_escaped_bytes_become_valid_utf8() -> None:
+def test_bytes_that_are_not_utf8_are_escaped_reversibly_and_listed() -> None:
     raw = b"mw\xfftest\xc3".decode("utf-8", "surrogateescape")
-    rec = record(
-        comm=raw,
-        params="é=\udc80",
-        taints=["O", "\udcfe"],
-    )
+    rec = record(comm=raw, params="é=\udc80 a\\x41", taints=["O", "\udcfe"], path="/ok\\x")
     line = output.dumps(rec)
-    text = line.decode("utf-8")  # strict: raises if not valid UTF-8
-    back = json.loads(text)
+    back = json.loads(line.decode("utf-8"))  # strict: raises if not valid UTF-8
     assert back["comm"] == "mw\\xfftest\\xc3"
-    assert back["params"] == "é=\\x80"
+    assert back["params"] == "é=\\x80 a\\\\x41"  # the literal backslash is doubled
     assert back["taints"] == ["O", "\\xfe"]
+    assert back["path"] == "/ok\\x"  # valid UTF-8: as it is, not listed
+    assert back["escaped"] == ["comm", "params", "taints"]
+    assert output.unescape(back["params"]) == "é=\udc80 a\\x41".encode("utf-8", "surrogateescape")
     assert list(back) == list(RECORD_KEYS)
-    assert back["module"] == "mwtest"
+
+
+def test_valid_records_are_not_escaped() -> None:
+    back = json.loads(output.dumps(record(params="a\\x41")))
+    assert (back["params"], back["escaped"]) == ("a\\x41", None)
 
 
 def test_raw_event_args_with_surrogates() -> None:
-    rec = {"v": 1, "type": "event", "args": {"comm": "\udcff", "fd": 3}}
+    rec = {"v": 1, "type": "event", "args": {"comm": "\udcff", "fd": 3}, "escaped": None}
     assert json.loads(output.dumps(rec)) == {
         "v": 1,
         "type": "event",
         "args": {"comm": "\\xff", "fd": 3},
+        "escaped": ["args.comm"],
     }
+
+
+@given(st.binary(max_size=64))
+def test_escape_round_trips_any_bytes(data: bytes) -> None:
+    text = data.decode("utf-8", "surrogateescape")
+    escaped = output.escape(text)
+    escaped.encode("utf-8")  # valid UTF-8 whatever the bytes
+    assert output.unescape(escaped) == data
 
 
 def test_valid_non_ascii_is_kept_as_is() -> None:
@@ -217,3 +232,26 @@ def test_printable() -> None:
     assert output.printable("ok é €") == "ok é €"
     assert output.printable("\x00\x1f\x7f\x85\x9f") == "\\x00\\x1f\\x7f\\x85\\x9f"
     assert output.printable("\n\t\r") == "\\n\\t\\r"
+
+
+def test_a_full_disk_leaves_whole_lines_only(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8k", "mwfull", str(full)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with open(full / "out.jsonl", "wb") as stream:
+            writer = JsonlWriter(stream)
+            with pytest.raises(OSError, match="No space left"):
+                for _ in range(1000):
+                    writer.write(record(params="x" * 300))
+        data = (full / "out.jsonl").read_bytes()
+        assert data.endswith(b"\n") and data.count(b"\n") > 1
+        assert [json.loads(line)["params"] for line in data.splitlines()] == ["x" * 300] * (
+            data.count(b"\n")
+        )
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
