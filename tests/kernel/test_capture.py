@@ -534,3 +534,28 @@ def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path) -> None:
     assert status == ExitStatus.TRACE_GONE, stderr
     assert "removed by someone else" in stderr and "Traceback" not in stderr
     assert leftovers() == set()
+
+
+SYS_INIT_MODULE, SYS_DELETE_MODULE = 175, 176  # x86_64
+
+
+def test_init_module_through_ctypes(mwtest_ko: Path) -> None:
+    # A load from memory made by this very process, once the probes are armed.
+    libc = ctypes.CDLL(None, use_errno=True)
+    image = mwtest_ko.read_bytes()
+    calls: list[int] = []
+
+    def load_and_unload(cap: Capture) -> None:
+        calls.append(libc.syscall(SYS_INIT_MODULE, image, len(image), b"note=ctypes"))
+        calls.append(libc.syscall(SYS_DELETE_MODULE, b"mwtest", os.O_NONBLOCK))
+
+    cap = Capture(Options(count=2, duration=120))
+    cap.on_armed = load_and_unload
+    records = list(cap.run())
+    assert calls == [0, 0]
+    assert [(r["syscall"], r["module"], r["params"], r["path"], r["ok"]) for r in records] == [
+        ("init_module", "mwtest", "note=ctypes", None, True),
+        ("delete_module", "mwtest", None, None, True),
+    ]
+    assert {r["pid"] for r in records} == {os.getpid()}
+    assert {r["uid"] for r in records} == {0}
