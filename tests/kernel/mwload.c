@@ -8,8 +8,10 @@
  *
  *   mwload [--comm NAME] [--uid UID] OP...
  *   OP: finit PATH PARAMS | unlinked PATH PARAMS | init PATH PARAMS | delete NAME | sleep MS
+ *       | storm N
  *
- * `unlinked` opens PATH, unlinks it, then loads from the open file.
+ * `unlinked` opens PATH, unlinks it, then loads from the open file. `storm` makes N
+ * finit_module(-1) calls, each failing with EBADF after the permission check, silently.
  *
  * Exit status: 0 if every call returned 0, else 1; 2 for a usage error.
  */
@@ -96,6 +98,10 @@ int main(int argc, char **argv)
 			i += 2;
 		} else if (!strcmp(op, "delete") && i < argc) {
 			failures += report("delete", syscall(SYS_delete_module, argv[i], O_NONBLOCK)) != 0;
+			i += 1;
+		} else if (!strcmp(op, "storm") && i < argc) {
+			for (long n = atol(argv[i]); n > 0; n--)
+				syscall(SYS_finit_module, -1, "", 0);
 			i += 1;
 		} else if (!strcmp(op, "sleep") && i < argc) {
 			struct timespec ts = { atoi(argv[i]) / 1000, (atoi(argv[i]) % 1000) * 1000000L };

@@ -559,3 +559,48 @@ def test_init_module_through_ctypes(mwtest_ko: Path) -> None:
     ]
     assert {r["pid"] for r in records} == {os.getpid()}
     assert {r["uid"] for r in records} == {0}
+
+
+def instance_losses(tracefs: Path, instance: str) -> int:
+    """The kernel's own count of the events an instance lost: overruns and drops, per CPU."""
+    total = 0
+    for stats in (tracefs / "instances" / instance / "per_cpu").glob("cpu*/stats"):
+        for line in stats.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("overrun", "dropped events"):
+                total += int(value)
+    return total
+
+
+def test_stalled_reader_reports_exactly_what_the_kernel_lost(
+    tmp_path: Path, tracefs: Path, mwload: str
+) -> None:
+    out = tmp_path / "storm.jsonl"
+    child = Child("capture", "-o", str(out))
+    instance = child.readline().split("tracefs instance ", 1)[1].split(";", 1)[0]
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        # A small buffer, then a burst far larger than it while the reader is stopped.
+        (tracefs / "instances" / instance / "buffer_size_kb").write_text("16")
+        subprocess.run([mwload, "storm", "1500"], check=True)
+        lost_in_kernel = instance_losses(tracefs, instance)
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    assert lost_in_kernel > 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the reader has caught up
+        lines = out.read_text().splitlines()
+        if lines and time.time() - out.stat().st_mtime > 3:
+            break
+        time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0
+    stderr = child.rest_of_stderr()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    lost = [r for r in records if r["type"] == "lost"]
+    assert lost and all(r["count"] is not None for r in lost), lost
+    assert sum(r["count"] for r in lost) == lost_in_kernel, (lost, lost_in_kernel)
+    assert f"{lost_in_kernel} events lost in all" in stderr
+    # Whatever was not lost made whole records: every one an EBADF after the check.
+    calls = [r for r in records if r["type"] == "load"]
+    assert calls and all(r["errno"] == "EBADF" or r["ret"] is None for r in calls)
