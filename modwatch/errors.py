@@ -34,7 +34,8 @@ EXIT_STATUS_HELP = {
     ExitStatus.LOCKDOWN: "kernel lockdown in confidentiality mode forbids tracing",
     ExitStatus.PROBE_REJECTED: "the kernel rejected a probe definition (its error_log is quoted)",
     ExitStatus.OUTPUT_ERROR: "output file not writable, or writing to it failed",
-    ExitStatus.TRACE_GONE: "modwatch's tracefs instance or probes were removed while it ran",
+    ExitStatus.TRACE_GONE: "modwatch's tracefs instance or probes were removed or disabled "
+    "while it ran",
     ExitStatus.BAD_TRACE_FILE: "--replay file unreadable or not a modwatch trace",
     ExitStatus.DEGRADED: "doctor: capture works here, with something missing (see its warn lines)",
     ExitStatus.IMPOSSIBLE: "doctor: capture cannot run here (see its fail lines)",
