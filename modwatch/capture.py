@@ -154,13 +154,20 @@ def plan(fs: tracefs.Tracefs, group: str, kprobes: bool = True) -> ProbeSet:
             kallsyms = tracefs.kallsyms_text_symbols()
         return "/proc/kallsyms" if symbol in kallsyms else None
 
+    return _kprobe_set(group, lookup, fs.has_tracepoint)
+
+
+def _kprobe_set(
+    group: str, lookup: Callable[[str], str | None], has_tracepoint: Callable[[str, str], bool]
+) -> ProbeSet:
+    """build_probe_set with the running kernel's BTF offsets, noting where they came from."""
     offset, note = btf_offsets()
-    probe_set = build_probe_set(group, current_arch(), lookup, fs.has_tracepoint, offset)
+    probe_set = build_probe_set(group, current_arch(), lookup, has_tracepoint, offset)
     return dataclasses.replace(probe_set, choices=(note, *probe_set.choices))
 
 
 @functools.cache
-def _kernel_btf(path: str) -> btf.BTF | btf.BTFError:
+def kernel_btf(path: str) -> btf.BTF | btf.BTFError:
     """The kernel's BTF, read once per process (it does not change while it runs)."""
     try:
         return btf.BTF.load(path)
@@ -171,7 +178,7 @@ def _kernel_btf(path: str) -> btf.BTF | btf.BTFError:
 def btf_offsets() -> tuple[Callable[[str], int | None], str]:
     """Struct member offsets of the running kernel from its BTF (None for a member it
     lacks, or for every member without BTF), and a note saying where they came from."""
-    types = _kernel_btf(btf.VMLINUX)
+    types = kernel_btf(btf.VMLINUX)
     if isinstance(types, btf.BTFError):
         return (lambda member: None), f"BTF: none ({types}): no offsets beyond stable ones"
 
@@ -194,11 +201,7 @@ def plan_offline(group: str, kprobes: bool = True) -> tuple[ProbeSet, str | None
             return build_tracepoint_set(group, lambda s, e: True), err.message.removeprefix(
                 "modwatch: "
             )
-        offset, note = btf_offsets()
-        probe_set = build_probe_set(
-            group, current_arch(), lambda s: "unchecked", lambda s, e: True, offset
-        )
-        probe_set = dataclasses.replace(probe_set, choices=(note, *probe_set.choices))
+        probe_set = _kprobe_set(group, lambda s: "unchecked", lambda s, e: True)
         return probe_set, err.message.removeprefix("modwatch: ")
     return plan(fs, group, kprobes), None
 
@@ -291,6 +294,7 @@ class Capture:
         enables += [
             os.path.join(base, "events", t.system, t.event, "enable") for t in probe_set.tracepoints
         ]
+        self._enables = tuple(enables)
         for enable in enables:
             self._guard(fs.write, enable, "1")
 
@@ -310,14 +314,9 @@ class Capture:
         fs, probe_set = self._fs, self.probe_set
         assert fs is not None and probe_set is not None and self.instance is not None
         base = os.path.join("instances", self.instance)
-        enables = [
-            os.path.join(base, "events", t.system, t.event, "enable") for t in probe_set.tracepoints
-        ]
-        if probe_set.kprobes:
-            enables.append(os.path.join(base, "events", probe_set.group, "enable"))
         try:
             gone = not fs.exists(base) or (probe_set.kprobes and not fs.has_group(probe_set.group))
-            gone = gone or any(fs.read(enable).strip() != "1" for enable in enables)
+            gone = gone or any(fs.read(enable).strip() != "1" for enable in self._enables)
         except OSError:
             gone = True
         if gone:
@@ -464,6 +463,7 @@ class Capture:
 
     _saver: TraceWriter | None = None
     _fs: tracefs.Tracefs | None = None
+    _enables: tuple[str, ...] = ()  # the enable files _arm wrote 1 to
 
 
 def _raw_record(ev: Event, clock: TraceClock) -> Record:

@@ -125,10 +125,10 @@ def _tracefs(report: Report, root: bool) -> tracefs.Tracefs | None:
 
 
 def _btf(report: Report) -> None:
-    try:
-        types = btf.BTF.load(btf.VMLINUX)
-    except btf.BTFError as err:
-        report.add("BTF", WARN, f"{err}: module paths from /proc only")
+    # The same read capture.plan uses below: once per process.
+    types = capture.kernel_btf(btf.VMLINUX)
+    if isinstance(types, btf.BTFError):
+        report.add("BTF", WARN, f"{types}: module paths from /proc only")
         return
     report.add("BTF", OK, f"{btf.VMLINUX}: {len(types)} types")
 

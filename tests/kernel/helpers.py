@@ -58,6 +58,10 @@ class Child:
     def readline(self) -> str:
         return self.stderr.readline()
 
+    def instance(self) -> str:
+        """Read the banner; the session's instance (and probe group) it names."""
+        return self.readline().split("tracefs instance ", 1)[1].split(";", 1)[0]
+
     def send_signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 

@@ -525,8 +525,7 @@ def test_disk_full_keeps_whole_lines_and_tears_down(
 
 def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path) -> None:
     child = Child("capture")
-    banner = child.readline()
-    group = banner.split("tracefs instance ", 1)[1].split(";", 1)[0]
+    group = child.instance()
     fs = tracefs_mod.Tracefs(str(tracefs))
     # What another root process could do: disable the session's events, remove its probes.
     fs.write(f"instances/{group}/events/{group}/enable", "0")
@@ -579,7 +578,7 @@ def test_stalled_reader_reports_exactly_what_the_kernel_lost(
 ) -> None:
     out = tmp_path / "storm.jsonl"
     child = Child("capture", "-o", str(out))
-    instance = child.readline().split("tracefs instance ", 1)[1].split(";", 1)[0]
+    instance = child.instance()
     os.kill(child.pid, signal.SIGSTOP)
     try:
         # A small buffer, then a burst far larger than it while the reader is stopped.
