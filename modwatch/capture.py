@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import select
 import signal
@@ -35,7 +36,7 @@ from modwatch.probes import (
     current_arch,
     new_group,
 )
-from modwatch.procfs import PROCFS_PATH, ProcEnricher
+from modwatch.procfs import PROCFS_PATH, ProcEnricher, in_call_checker
 from modwatch.tracefile import SavedTrace, TraceWriter
 
 READ_SIZE = 1 << 16
@@ -74,6 +75,7 @@ class Stats:
     unparsed_samples: list[str] = field(default_factory=list)
     lost: int = 0
     unmatched: int = 0
+    missed: dict[str, int] = field(default_factory=dict)  # probe event -> hits the kernel missed
     command_status: int | None = None
     teardown_errors: list[str] = field(default_factory=list)
 
@@ -206,14 +208,32 @@ def plan_offline(group: str, kprobes: bool = True) -> tuple[ProbeSet, str | None
     return plan(fs, group, kprobes), None
 
 
-def _install_signal_handlers() -> dict[int, Any]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Stop(signum)
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP end a session. While it sets up, a signal raises Stop
+    and setup unwinds. Once it reads, a signal only sets `stop` and wakes the reader's
+    poll (through `wakeup_fd`), so that the reader ends in good order: it reads what the
+    kernel still has and emits every call in flight as a record."""
 
-    previous: dict[int, Any] = {}
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        previous[signum] = signal.signal(signum, handler)
-    return previous
+    def __init__(self) -> None:
+        self.stop: int | None = None
+        self.deferred = False
+        self.previous: dict[int, Any] = {}
+        self.wakeup_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.previous[signum] = signal.signal(signum, self._handler)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = signum
+        if not self.deferred:
+            raise Stop(signum)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        os.close(self.wakeup_fd)
+        os.close(self._write_fd)
 
 
 class Capture:
@@ -249,16 +269,16 @@ class Capture:
     def run(self) -> Generator[Record, None, None]:
         """Arm, read and yield records until the duration, count or command ends or a
         signal arrives; everything is torn down when the generator finishes or is closed."""
-        previous = _install_signal_handlers()
+        signals = self._signals = _Signals()
         try:
             with contextlib.ExitStack() as undo:
                 fd, clock, correlator = self._arm(undo)
+                signals.deferred = True
                 yield from self._read(fd, clock, correlator)
         except Stop:
-            pass  # a signal asked for the end: teardown has run, records so far are out
+            pass  # a signal came during setup: what was set up is torn down
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            signals.restore()
 
     def _arm(self, undo: contextlib.ExitStack) -> tuple[int, TraceClock, Correlator]:
         fs = self._fs = open_tracefs()
@@ -343,6 +363,7 @@ class Capture:
         parser = Parser(self.probe_set.by_event())
         poller = select.poll()
         poller.register(fd, select.POLLIN)
+        poller.register(self._signals.wakeup_fd, select.POLLIN)
         child: subprocess.Popen[bytes] | None = None
         pidfd = -1
         if self.on_armed is not None:
@@ -357,6 +378,8 @@ class Capture:
             pidfd = os.pidfd_open(child.pid)
             poller.register(pidfd, select.POLLIN)
         deadline = None if opts.duration is None else time.monotonic() + opts.duration
+        in_call = in_call_checker(current_arch())
+        next_sweep = time.monotonic() + CHECK_INTERVAL
         emitted = 0
         try:
             while True:
@@ -366,7 +389,12 @@ class Capture:
                 ready = poller.poll(timeout * 1000)
                 if not ready:
                     self._check_still_armed()
-                for record in self._drain(fd, parser, correlator):
+                records = self._drain(fd, parser, correlator)
+                if time.monotonic() >= next_sweep:
+                    swept = self._wanted_only(correlator.sweep(in_call))
+                    records = itertools.chain(records, swept)
+                    next_sweep = time.monotonic() + CHECK_INTERVAL
+                for record in records:
                     yield record
                     if record["type"] != "lost":
                         emitted += 1
@@ -379,9 +407,8 @@ class Capture:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-        except Stop:
-            yield from self._drain(fd, parser, correlator)
-            raise
+                if self._signals.stop is not None:
+                    break
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -393,6 +420,16 @@ class Capture:
                 except subprocess.TimeoutExpired:
                     child.kill()
                     self.stats.command_status = child.wait()
+        # Calls whose threads have left them without a return event: marked, then let go
+        # after a last read, so that a return on its way is not taken for a missed one.
+        yield from self._wanted_only(correlator.sweep(in_call))
+        yield from self._drain(fd, parser, correlator)
+        yield from self._wanted_only(correlator.sweep(in_call))
+        if self.probe_set.kprobes and self._fs is not None:
+            try:
+                self.stats.missed = self._fs.kprobe_misses(p.event for p in self.probe_set.probes)
+            except OSError as err:
+                self.stats.teardown_errors.append(f"reading kprobe_profile: {err.strerror}")
         yield from self._finish(correlator)
 
     def _drain(self, fd: int, parser: Parser, correlator: Correlator) -> Iterator[Record]:
@@ -441,10 +478,11 @@ class Capture:
                     yield record
 
     def _finish(self, correlator: Correlator) -> Iterator[Record]:
-        for record in correlator.finish():
-            if self._wanted(record):
-                yield record
+        yield from self._wanted_only(correlator.finish())
         self.stats.unmatched = correlator.unmatched
+
+    def _wanted_only(self, records: list[Record]) -> Iterator[Record]:
+        return (record for record in records if self._wanted(record))
 
     def _wanted(self, record: Record) -> bool:
         opts = self.options
@@ -462,6 +500,7 @@ class Capture:
             self.stats.teardown_errors.append(f"{action.__name__}{args}: {err.strerror}")
 
     _saver: TraceWriter | None = None
+    _signals: _Signals
     _fs: tracefs.Tracefs | None = None
     _enables: tuple[str, ...] = ()  # the enable files _arm wrote 1 to
 

@@ -182,8 +182,6 @@ def capture_command(
                     "(the kernel's buffer overran)"
                 )
             writer.write(record)
-    except capture.Stop:
-        pass  # the signal came while a record was being written: closing tears down
     except BrokenPipeError:
         records.close()  # tears down before we go
         # Nothing more can reach stdout; keep the interpreter from failing on its flush.
@@ -223,6 +221,13 @@ def _summary(cap: capture.Capture) -> None:
         _err(f"modwatch: {stats.unparsed} lines of trace text could not be parsed: {samples}")
     if stats.lost:
         _err(f"modwatch: {stats.lost} events lost in all (kernel buffer overruns)")
+    if stats.missed:
+        each = ", ".join(f"{event} {count}" for event, count in stats.missed.items())
+        _err(
+            f"modwatch: the kernel missed {sum(stats.missed.values())} probe hits "
+            f"(kprobe_profile: {each}); a call whose return was missed has "
+            '"incomplete": "return_missed"'
+        )
     if stats.unmatched:
         _err(f"modwatch: {stats.unmatched} kernel events belonged to no module call (ignored)")
     for problem in stats.teardown_errors:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -35,6 +36,7 @@ RECORD_KEYS = (
     "errno",
     "ok",
     "stage",
+    "incomplete",
     "init_ret",
     "taints",
     "pid",
@@ -47,7 +49,18 @@ RECORD_KEYS = (
 # emitted as incomplete once this many are held, oldest first.
 MAX_OPEN = 4096
 
+# Why a record is incomplete (its `incomplete` key; null when it is not):
+ENTRY_MISSED = "entry_missed"  # the return came without its entry (lost, or before start)
+RETURN_MISSED = "return_missed"  # the thread left the call, but its return never came
+EVICTED = "evicted"  # more than MAX_OPEN calls open at once: the oldest is let go
+IN_FLIGHT = "in_flight"  # the capture (or the saved trace) ended during the call
+
 Record = dict[str, Any]
+
+
+# Whether thread `tid` is (still) inside `syscall` (32-bit entry point when `compat`);
+# None when that cannot be told (the thread is running on another CPU).
+InCall = Callable[[int, str, bool], bool | None]
 
 
 class Caller(NamedTuple):
@@ -86,6 +99,8 @@ class _Operation:
     syscall: str
     tid: int
     ts_us: int
+    compat: bool = False
+    left_call: bool = False  # found outside its syscall by the last sweep
     comm: str | None = None
     flags_raw: int | None = None
     caller: Caller = NO_CALLER
@@ -190,9 +205,27 @@ class Correlator:
             "count": lost.events,
         }
 
+    def sweep(self, in_call: InCall) -> list[Record]:
+        """Let go of operations whose return was missed (a kretprobe out of instances,
+        events lost). Call it after reading everything the kernel had: an operation found
+        outside its syscall by the previous sweep, and still open after the reads since,
+        will never see its return (the kernel writes it before the thread leaves the
+        call). Those come out as incomplete records; the rest are checked again."""
+        records = []
+        for tid, op in list(self.open.items()):
+            if op.left_call:
+                del self.open[tid]
+                records.append(self._record(op, None, RETURN_MISSED))
+            elif in_call(tid, op.syscall, op.compat) is False:
+                op.left_call = True
+        return records
+
     def finish(self) -> list[Record]:
         """Operations still open at the end: records with a null `ret`."""
-        records = [self._record(op, None) for op in self.open.values()]
+        records = [
+            self._record(op, None, RETURN_MISSED if op.left_call else IN_FLIGHT)
+            for op in self.open.values()
+        ]
         self.open.clear()
         return records
 
@@ -200,11 +233,12 @@ class Correlator:
         records = []
         stale = self.open.pop(ev.tid, None)
         if stale is not None:  # its return was missed: the thread has moved on
-            records.append(self._record(stale, None))
+            records.append(self._record(stale, None, RETURN_MISSED))
         op = _Operation(
             syscall=ev.kind,
             tid=ev.tid,
             ts_us=ev.ts_us,
+            compat=ev.compat,
             # Without kprobes (syscall tracepoints) only the line prefix names the task.
             comm=_str(ev.fields["comm"]) if "comm" in ev.fields else _task(ev.task),
             flags_raw=_int(ev.fields.get("flags")),
@@ -215,7 +249,7 @@ class Correlator:
         self.open[ev.tid] = op
         while len(self.open) > MAX_OPEN:
             _, oldest = self.open.popitem(last=False)
-            records.append(self._record(oldest, None))
+            records.append(self._record(oldest, None, EVICTED))
         return records
 
     def _return(self, ev: Event) -> list[Record]:
@@ -223,14 +257,16 @@ class Correlator:
         records = []
         op = self.open.pop(ev.tid, None)
         if op is not None and op.syscall != syscall:
-            records.append(self._record(op, None))  # that call's return was missed
+            records.append(self._record(op, None, RETURN_MISSED))  # that call's return
             op = None
+        incomplete = None
         if op is None:  # the entry was lost: a record of what the return says
-            op = _Operation(syscall=syscall, tid=ev.tid, ts_us=ev.ts_us)
-        records.append(self._record(op, _int(ev.fields["ret"])))
+            op = _Operation(syscall=syscall, tid=ev.tid, ts_us=ev.ts_us, compat=ev.compat)
+            incomplete = ENTRY_MISSED
+        records.append(self._record(op, _int(ev.fields["ret"]), incomplete))
         return records
 
-    def _record(self, op: _Operation, ret: int | None) -> Record:
+    def _record(self, op: _Operation, ret: int | None, incomplete: str | None = None) -> Record:
         table = UNLOAD_FLAGS if op.syscall == "delete_module" else LOAD_FLAGS
         path, path_source = filepath.choose(op.kernel_path, op.caller.path)
         return {
@@ -248,6 +284,7 @@ class Correlator:
             "errno": errno_name(ret),
             "ok": None if ret is None else ret == 0,
             "stage": None if ret is None else _stage(op, ret),
+            "incomplete": incomplete,
             "init_ret": op.init_ret,
             "taints": op.taints,
             "pid": op.caller.pid,

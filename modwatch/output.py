@@ -131,9 +131,13 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "~"
 
 
+# Why a record has no return value, in the RESULT column's 12 characters.
+_NO_RETURN = {"return_missed": "? no return", "in_flight": "? in flight", "evicted": "? evicted"}
+
+
 def result_text(record: Record) -> str:
     if record["ret"] is None:
-        return "?"
+        return _NO_RETURN.get(record["incomplete"], "?")
     if record["ok"]:
         return "ok"
     err = record["errno"] or str(record["ret"])

@@ -132,6 +132,14 @@ class Arch:
     sys_offsets: tuple[int, ...]  # offsets of syscall args 1..3 inside pt_regs
     compat_offsets: tuple[int, ...]
     func_args: tuple[str, ...]  # registers of plain function args 1..3
+    # Syscall numbers (init_module, delete_module, finit_module), as /proc/TID/syscall
+    # shows them, for native and for 32-bit callers.
+    syscall_nrs: tuple[int, int, int] = (0, 0, 0)
+    compat_syscall_nrs: tuple[int, int, int] = (0, 0, 0)
+
+    def syscall_nr(self, syscall: str, compat: bool) -> int:
+        nrs = self.compat_syscall_nrs if compat else self.syscall_nrs
+        return nrs[("init_module", "delete_module", "finit_module").index(syscall)]
 
 
 ARCHES = {
@@ -144,6 +152,9 @@ ARCHES = {
         sys_offsets=(112, 104, 96),
         compat_offsets=(40, 88, 96),
         func_args=("%di", "%si", "%dx"),
+        # arch/x86/entry/syscalls/syscall_64.tbl and syscall_32.tbl
+        syscall_nrs=(175, 176, 313),
+        compat_syscall_nrs=(128, 129, 350),
     ),
     # user_pt_regs: regs[N] at 8*N; compat tasks use the same first registers.
     "aarch64": Arch(
@@ -154,6 +165,9 @@ ARCHES = {
         sys_offsets=(0, 8, 16),
         compat_offsets=(0, 8, 16),
         func_args=("%x0", "%x1", "%x2"),
+        # include/uapi/asm-generic/unistd.h and arch/arm64/include/asm/unistd32.h
+        syscall_nrs=(105, 106, 273),
+        compat_syscall_nrs=(128, 129, 379),
     ),
 }
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from modwatch.correlate import Caller
+from modwatch.correlate import Caller, InCall
+from modwatch.probes import Arch
 
 PROCFS_PATH = "/proc"
 
@@ -38,6 +39,34 @@ def fd_path(pid: int, fd: int, procfs: str = PROCFS_PATH) -> str | None:
         return os.readlink(f"{procfs}/{pid}/fd/{fd}")
     except OSError:
         return None
+
+
+def syscall_nr(tid: int, procfs: str = PROCFS_PATH) -> int | str | None:
+    """`/proc/TID/syscall`: the number of the syscall the thread is blocked in (-1 for
+    none), "running" when it runs on a CPU right now, None when the thread is gone."""
+    try:
+        with open(f"{procfs}/{tid}/syscall", encoding="ascii", errors="replace") as f:
+            first = f.read().split(maxsplit=1)
+    except OSError:
+        return None
+    if not first:
+        return None
+    try:
+        return int(first[0])
+    except ValueError:
+        return first[0]
+
+
+def in_call_checker(arch: Arch, procfs: str = PROCFS_PATH) -> InCall:
+    """Whether a thread is still inside a module syscall, for Correlator.sweep."""
+
+    def in_call(tid: int, syscall: str, compat: bool) -> bool | None:
+        nr = syscall_nr(tid, procfs)
+        if isinstance(nr, str):
+            return None  # running: it may be on its way in or out
+        return nr == arch.syscall_nr(syscall, compat)
+
+    return in_call
 
 
 def caller(tid: int, fd: int | None, procfs: str = PROCFS_PATH) -> Caller:

@@ -12,7 +12,7 @@ import ctypes
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from modwatch.errors import ExitStatus, ModwatchError
@@ -223,6 +223,18 @@ class Tracefs:
     def remove_instance(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(self.path("instances", name))
+
+    def kprobe_misses(self, events: Iterable[str]) -> dict[str, int]:
+        """The kernel's count of missed hits (`kprobe_profile`, third column) of each
+        given probe event that has any: a return probe out of instances, or a probe
+        that fired inside another one. Those events never reached the buffer."""
+        wanted = set(events)
+        misses = {}
+        for line in self.lines("kprobe_profile"):
+            fields = line.split()
+            if len(fields) == 3 and fields[0] in wanted and fields[2].isdigit() and int(fields[2]):
+                misses[fields[0]] = int(fields[2])
+        return misses
 
     def available_functions(self) -> set[str]:
         """Names in available_filter_functions (`name` or `name [module]`)."""

@@ -625,3 +625,76 @@ def test_sigkill_at_any_point_leaves_only_what_the_next_session_removes(
         removed = capture.remove_leftovers(fs)  # what the next session does first
         assert all(f"modwatch_{child.pid}_" in item for item in removed), removed
         assert leftovers() == set(), (stage, delay)
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+
+
+def test_returns_the_kernel_missed_make_incomplete_records_counted_by_kprobe_profile(
+    tmp_path: Path, tracefs: Path, mwload: str, mwtest_ko: Path
+) -> None:
+    # Sixteen loads of one module at once: the first one's init sleeps, the others wait
+    # for it inside finit_module. More threads in the call than the return probe has
+    # instances (its MAXACTIVE: 10 on this 2-CPU guest): the kernel misses some returns.
+    loaders = 16
+    out = tmp_path / "missed.jsonl"
+    child = Child("capture", "-o", str(out))
+    instance = child.instance()
+    ko = str(mwtest_ko)
+    procs = [
+        subprocess.Popen([mwload, "finit", ko, "delay_ms=2000"], stdout=subprocess.DEVNULL)
+        for _ in range(loaders)
+    ]
+    for proc in procs:
+        proc.wait(timeout=120)
+    # kprobe_profile: event, hits, misses. The session's events are mwTOKEN_NAME.
+    prefix = "mw" + instance.rsplit("_", 1)[1] + "_"
+    profile = [line.split() for line in (tracefs / "kprobe_profile").read_text().splitlines()]
+    missed_returns = sum(int(f[2]) for f in profile if f[0] == prefix + "finit_module_ret")
+    assert missed_returns > 0, profile
+    # Each load is one record; those whose return the kernel missed are let go once
+    # their threads are seen outside the call twice, a few seconds apart.
+    wait_until(lambda: len(out.read_text().splitlines()) >= loaders, 60, f"{loaders} records")
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0
+    stderr = child.rest_of_stderr()
+    subprocess.run([mwload, "delete", "mwtest"], check=True)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == loaders, records
+    missed = [r for r in records if r["incomplete"] == "return_missed"]
+    assert len(missed) == missed_returns
+    assert all(r["ret"] is None and r["comm"] == "mwload" and r["pid"] for r in missed)
+    complete = [r for r in records if r["incomplete"] is None]
+    assert len(complete) == loaders - missed_returns
+    assert all(r["ret"] is not None for r in complete)
+    # One init ran. The others got EEXIST (6.1), or waited for that load of the same
+    # file and got its result without reading anything (6.12: idempotent_init_module).
+    assert [r["module"] for r in records if r["init_ret"] is not None] == ["mwtest"]
+    assert f"the kernel missed {missed_returns} probe hits" in stderr, stderr
+
+
+def test_a_call_in_flight_at_ctrl_c_is_a_record(
+    tmp_path: Path, mwload: str, mwtest_ko: Path
+) -> None:
+    out = tmp_path / "inflight.jsonl"
+    child = Child("capture", "-o", str(out))
+    child.instance()
+    loader = subprocess.Popen([mwload, "finit", str(mwtest_ko), "delay_ms=6000"])
+    try:
+        # The module is listed (state Loading) once its init runs.
+        wait_until(lambda: "mwtest " in Path("/proc/modules").read_text(), 60, "mwtest listed")
+        child.send_signal(signal.SIGINT)
+        assert child.wait() == 0
+    finally:
+        assert loader.wait(timeout=60) == 0
+        subprocess.run([mwload, "delete", "mwtest"], check=True)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 1, records
+    rec = records[0]
+    assert (rec["module"], rec["ret"], rec["incomplete"]) == ("mwtest", None, "in_flight")
+    assert rec["params"] == "delay_ms=6000" and rec["pid"] == loader.pid

@@ -84,6 +84,7 @@ def test_successful_load() -> None:
             "errno": None,
             "ok": True,
             "stage": None,
+            "incomplete": None,
             "init_ret": 0,
             "taints": ["O", "E"],
             "pid": 244,
@@ -229,6 +230,7 @@ def test_delete_module_ok() -> None:
             "errno": None,
             "ok": True,
             "stage": None,
+            "incomplete": None,
             "init_ret": None,
             "taints": None,
             "pid": 246,
@@ -352,6 +354,7 @@ def test_return_without_entry() -> None:
             "errno": "EEXIST",
             "ok": False,
             "stage": "load",
+            "incomplete": "entry_missed",
             "init_ret": None,
             "taints": None,
             "pid": None,
@@ -371,6 +374,7 @@ def test_entry_without_return_is_emitted_by_finish() -> None:
     rec = records[0]
     assert tuple(rec) == RECORD_KEYS
     assert (rec["ret"], rec["ok"], rec["errno"], rec["stage"]) == (None, None, None, None)
+    assert rec["incomplete"] == "in_flight"
     assert (rec["module"], rec["init_ret"], rec["taints"]) == ("mwtest", 0, ["O", "E"])
     assert correlator.finish() == []
 
@@ -380,7 +384,9 @@ def test_a_second_entry_on_the_same_thread_closes_the_first() -> None:
     first = correlator.event(finit(300, 1, comm="first"))
     second = correlator.event(finit(300, 2, comm="second"))
     assert first == []
-    assert [(r["comm"], r["ret"]) for r in second] == [("first", None)]
+    assert [(r["comm"], r["ret"], r["incomplete"]) for r in second] == [
+        ("first", None, "return_missed")
+    ]
     done = correlator.event(ev("finit_module_ret", 300, 3, ret=0))
     assert [(r["comm"], r["ret"]) for r in done] == [("second", 0)]
 
@@ -445,10 +451,158 @@ def test_max_open_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     assert correlator.event(finit(1, 10, comm="one")) == []
     assert correlator.event(finit(2, 11, comm="two")) == []
     evicted = correlator.event(finit(3, 12, comm="three"))
-    assert [(r["tid"], r["comm"], r["ret"]) for r in evicted] == [(1, "one", None)]
+    assert [(r["tid"], r["comm"], r["ret"], r["incomplete"]) for r in evicted] == [
+        (1, "one", None, "evicted")
+    ]
     assert list(correlator.open) == [2, 3]
     late = correlator.event(ev("finit_module_ret", 1, 13, ret=0))
-    assert [(r["tid"], r["comm"], r["ret"]) for r in late] == [(1, None, 0)]
+    assert [(r["tid"], r["comm"], r["ret"], r["incomplete"]) for r in late] == [
+        (1, None, 0, "entry_missed")
+    ]
+
+
+# -- event order and missed returns ---------------------------------------------------
+
+
+def on_cpus(events: list[Event], cpus: list[int]) -> list[Event]:
+    return [e._replace(cpu=cpu) for e, cpu in zip(events, cpus, strict=True)]
+
+
+def test_an_operation_whose_thread_migrated_between_cpus_is_one_record() -> None:
+    events = on_cpus(load_events(), [0, 0, 1, 1, 0, 1, 0, 1])
+    records = feed(Correlator(CLOCK), events)
+    assert len(records) == 1
+    assert (records[0]["module"], records[0]["ret"], records[0]["incomplete"]) == (
+        "mwtest",
+        0,
+        None,
+    )
+    assert records[0]["params"] == 'note=hello "q" world'
+
+
+def test_two_operations_of_one_thread_back_to_back() -> None:
+    unload = [
+        ev("delete_module", 244, 250_000_000, name=0x1000, flags=0x800, comm="insmod"),
+        ev("find_module", 244, 250_000_100, name="mwtest"),
+        ev("module_free", 244, 250_000_200, name="mwtest"),
+        ev("delete_module_ret", 244, 250_000_300, ret=0),
+    ]
+    records = feed(Correlator(CLOCK), load_events() + unload)
+    assert [(r["type"], r["module"], r["ret"], r["incomplete"]) for r in records] == [
+        ("load", "mwtest", 0, None),
+        ("unload", "mwtest", 0, None),
+    ]
+    assert records[1]["params"] is None and records[1]["taints"] is None
+
+
+def test_a_tid_reused_by_a_new_process_gets_its_own_callers_facts() -> None:
+    enricher = FakeEnricher({244: Caller(244, 0, "/a.ko")})
+    correlator = Correlator(CLOCK, enricher)
+    first = feed(correlator, load_events())
+    enricher.answers[244] = Caller(244, 1000, None)  # the first process exited; tid reused
+    second = feed(
+        correlator,
+        [finit(244, 300_000_000, comm="other"), ev("finit_module_ret", 244, 300_000_100, ret=-1)],
+    )
+    assert [(r["comm"], r["uid"], r["path"], r["module"]) for r in first + second] == [
+        ("insmod", 0, "/a.ko", "mwtest"),
+        ("other", 1000, None, None),
+    ]
+
+
+def test_sweep_lets_go_of_a_call_whose_thread_left_it_at_the_second_look() -> None:
+    correlator = Correlator(CLOCK)
+    feed(correlator, [finit(1, 10, comm="missed"), finit(2, 11, comm="blocked")])
+    correlator.event(
+        ev("finit_module", 3, 12, compat=True, fd=3, param_values=0, flags=0, comm="c")
+    )
+    inside = {2: True, 1: False, 3: None}  # 3 runs on a CPU: it cannot be told
+    asked: list[tuple[int, str, bool]] = []
+
+    def in_call(tid: int, syscall: str, compat: bool) -> bool | None:
+        asked.append((tid, syscall, compat))
+        return inside[tid]
+
+    assert correlator.sweep(in_call) == []  # first look: marked, not let go
+    assert asked == [
+        (1, "finit_module", False),
+        (2, "finit_module", False),
+        (3, "finit_module", True),
+    ]
+    swept = correlator.sweep(in_call)
+    assert [(r["comm"], r["ret"], r["incomplete"]) for r in swept] == [
+        ("missed", None, "return_missed")
+    ]
+    assert list(correlator.open) == [2, 3]
+    done = correlator.event(ev("finit_module_ret", 2, 20, ret=0))
+    assert [(r["comm"], r["ret"], r["incomplete"]) for r in done] == [("blocked", 0, None)]
+    assert [(r["comm"], r["incomplete"]) for r in correlator.finish()] == [("c", "in_flight")]
+
+
+def test_a_return_read_after_the_first_look_still_closes_its_call() -> None:
+    correlator = Correlator(CLOCK)
+    correlator.event(finit(1, 10))
+    assert correlator.sweep(lambda tid, syscall, compat: False) == []
+    # The thread had returned; its event was still in the buffer at the first look.
+    done = correlator.event(ev("finit_module_ret", 1, 11, ret=0))
+    assert [(r["ret"], r["incomplete"]) for r in done] == [(0, None)]
+    assert correlator.sweep(lambda tid, syscall, compat: False) == []
+
+
+def test_finish_names_a_call_marked_by_a_sweep_as_missed() -> None:
+    correlator = Correlator(CLOCK)
+    correlator.event(finit(1, 10))
+    correlator.sweep(lambda tid, syscall, compat: False)
+    assert [r["incomplete"] for r in correlator.finish()] == ["return_missed"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 5),
+            st.sampled_from(
+                [
+                    "finit_module",
+                    "delete_module",
+                    "finit_module_ret",
+                    "delete_module_ret",
+                    "module_load",
+                    "sweep",
+                ]
+            ),
+        ),
+        max_size=80,
+    )
+)
+def test_every_entry_is_in_exactly_one_record_and_open_calls_stay_bounded(
+    steps: list[tuple[int, str]],
+) -> None:
+    correlator = Correlator(CLOCK)
+    records: list[Record] = []
+    entries = returns = 0
+    for ts, (tid, kind) in enumerate(steps):
+        if kind == "sweep":
+            records += correlator.sweep(lambda t, s, c: t % 2 == 0)
+            continue
+        fields: dict[str, int | str | None] = {"comm": f"t{ts}"}
+        if kind.endswith("_ret"):
+            fields = {"ret": 0}
+            returns += 1
+        elif kind == "module_load":
+            fields = {"name": "m", "taints": ""}
+        else:
+            entries += 1
+        records += correlator.event(ev(kind, tid, ts, **fields))
+        assert len(correlator.open) <= 5
+    records += correlator.finish()
+    assert sorted(r["comm"] for r in records if r["comm"] is not None) == sorted(
+        f"t{ts}" for ts, (_, kind) in enumerate(steps) if kind in ("finit_module", "delete_module")
+    )
+    assert sum(r["ret"] is not None for r in records) == returns
+    assert all(
+        (r["ret"] is None) == (r["incomplete"] in ("return_missed", "in_flight")) for r in records
+    )
 
 
 # -- flags and clock --------------------------------------------------------------------

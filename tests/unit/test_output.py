@@ -182,6 +182,8 @@ def test_table_clips_long_cells() -> None:
     ("changes", "result"),
     [
         ({"ret": None, "ok": None, "errno": None, "stage": None}, "?"),
+        ({"ret": None, "ok": None, "incomplete": "return_missed"}, "? no return"),
+        ({"ret": None, "ok": None, "incomplete": "in_flight"}, "? in flight"),
         ({"ret": 0, "ok": True}, "ok"),
         ({"ret": -17, "ok": False, "errno": "EEXIST", "stage": "load"}, "EEXIST"),
         (

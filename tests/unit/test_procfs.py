@@ -9,6 +9,7 @@ import pytest
 
 from modwatch import procfs
 from modwatch.correlate import Caller
+from modwatch.probes import ARCHES
 
 STATUS = (
     "Name:\tinsmod\n"
@@ -101,3 +102,50 @@ def test_proc_enricher_records_what_it_read(proc: str) -> None:
     assert seen == [(1234, 248_977_428, facts)]
     assert enricher.caller(1, 5, None) == Caller(None, None, None)
     assert seen[-1] == (1, 5, Caller(None, None, None))
+
+
+@pytest.mark.parametrize(
+    ("text", "nr"),
+    [
+        ("313 0x3 0x55aae7f7c2a0 0x0 0x0 0x0 0x0 0x7ffd1c0 0x7f11\n", 313),
+        ("-1 0x7ffd1c0 0x7f11\n", -1),
+        ("running\n", "running"),
+        ("", None),
+    ],
+)
+def test_syscall_nr(tmp_path: Path, text: str, nr: int | str | None) -> None:
+    (tmp_path / "9").mkdir()
+    (tmp_path / "9" / "syscall").write_text(text)
+    assert procfs.syscall_nr(9, str(tmp_path)) == nr
+    assert procfs.syscall_nr(10, str(tmp_path)) is None  # gone
+
+
+@pytest.mark.parametrize(
+    ("text", "syscall", "compat", "inside"),
+    [
+        ("313 0x3 0x0 0x0\n", "finit_module", False, True),
+        ("350 0x3 0x0 0x0\n", "finit_module", True, True),
+        ("313 0x3 0x0 0x0\n", "finit_module", True, False),  # 313 is another 32-bit call
+        ("176 0x1000 0x800\n", "delete_module", False, True),
+        ("175 0x1000 0x10 0x0\n", "delete_module", False, False),
+        ("-1 0x7ffd1c0 0x7f11\n", "init_module", False, False),
+        ("running\n", "finit_module", False, None),
+        (None, "finit_module", False, False),  # the thread is gone
+    ],
+)
+def test_in_call_checker_on_x86_64(
+    tmp_path: Path, text: str | None, syscall: str, compat: bool, inside: bool | None
+) -> None:
+    if text is not None:
+        (tmp_path / "9").mkdir()
+        (tmp_path / "9" / "syscall").write_text(text)
+    in_call = procfs.in_call_checker(ARCHES["x86_64"], str(tmp_path))
+    assert in_call(9, syscall, compat) is inside
+
+
+def test_arm64_syscall_numbers() -> None:
+    arm64 = ARCHES["aarch64"]
+    assert [
+        arm64.syscall_nr(s, False) for s in ("init_module", "delete_module", "finit_module")
+    ] == [105, 106, 273]
+    assert arm64.syscall_nr("finit_module", True) == 379

@@ -338,3 +338,16 @@ def test_kallsyms_text_symbols(tmp_path: Path) -> None:
 
 def test_kallsyms_missing(tmp_path: Path) -> None:
     assert tracefs.kallsyms_text_symbols(str(tmp_path / "missing")) == set()
+
+
+def test_kprobe_misses(fake: Tracefs) -> None:
+    # kernel/trace/trace_kprobe.c: "  %-44s %15lu %15lu\n", event name, hits, misses.
+    (Path(fake.root) / "kprobe_profile").write_text(
+        "  other_tool                                                 12               3\n"
+        "  mwaa_finit_module                                          16               0\n"
+        "  mwaa_finit_module_ret                                      10               6\n"
+        "  mwaa_do_init_module_ret                                     1               0\n"
+    )
+    wanted = ["mwaa_finit_module", "mwaa_finit_module_ret", "mwaa_do_init_module_ret"]
+    assert fake.kprobe_misses(wanted) == {"mwaa_finit_module_ret": 6}
+    assert fake.kprobe_misses([]) == {}
