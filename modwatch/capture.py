@@ -27,7 +27,7 @@ from typing import IO, Any
 from modwatch import btf, tracefs
 from modwatch.correlate import Correlator, Enricher, Record, TraceClock
 from modwatch.errors import ExitStatus, ModwatchError
-from modwatch.parser import Event, Lost, Parser, Unparsed
+from modwatch.parser import Event, Lost, Parser, Unparsed, tracepoint_note
 from modwatch.probes import (
     GROUP_PREFIX,
     ProbeSet,
@@ -144,7 +144,7 @@ def plan(fs: tracefs.Tracefs, group: str, kprobes: bool = True) -> ProbeSet:
     """The probe set for the running kernel, chosen from what it offers: kprobes where
     the kernel has kprobe events (and `kprobes` is true), else its tracepoints alone."""
     if not kprobes or not fs.exists("kprobe_events"):
-        return build_tracepoint_set(group, fs.has_tracepoint)
+        return _with_print_formats(fs, build_tracepoint_set(group, fs.has_tracepoint))
     functions = fs.available_functions()
     kallsyms: set[str] | None = None
 
@@ -156,7 +156,22 @@ def plan(fs: tracefs.Tracefs, group: str, kprobes: bool = True) -> ProbeSet:
             kallsyms = tracefs.kallsyms_text_symbols()
         return "/proc/kallsyms" if symbol in kallsyms else None
 
-    return _kprobe_set(group, lookup, fs.has_tracepoint)
+    return _with_print_formats(fs, _kprobe_set(group, lookup, fs.has_tracepoint))
+
+
+def _with_print_formats(fs: tracefs.Tracefs, probe_set: ProbeSet) -> ProbeSet:
+    """The module tracepoints with the print format the running kernel uses for them
+    (the syscalls' tracepoints print through their own code, not their format)."""
+    tracepoints = tuple(
+        t
+        if t.system == "syscalls"
+        else dataclasses.replace(t, print_fmt=fs.print_fmt(t.system, t.event))
+        for t in probe_set.tracepoints
+    )
+    notes = tuple(tracepoint_note(t) for t in tracepoints if t.system != "syscalls")
+    return dataclasses.replace(
+        probe_set, tracepoints=tracepoints, choices=(*probe_set.choices, *notes)
+    )
 
 
 def _kprobe_set(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from modwatch import tpformat
 from modwatch.probes import ProbeSpec, Tracepoint
 
 # `TASK-TID (TGID) [CPU] FLAGS SECS.USECS: EVENT: BODY`. The task is printed `%16s`
@@ -143,6 +144,37 @@ _TRACEPOINT_BODY = {
     "module_load": re.compile(r"(?P<name>(?s:.*)) (?P<taints>[A-Z]*)"),
     "module_free": re.compile(r"(?P<name>(?s:.*))"),
 }
+# The print formats those patterns read (6.1 and 6.12): a kernel whose format has
+# another shape is read through a pattern built from its own format.
+_KNOWN_SHAPES = {
+    "module_load": ("%s %s", ("name", "taints")),
+    "module_free": ("%s", ("name",)),
+}
+
+
+def _tracepoint_kind(tp: Tracepoint) -> _Kind:
+    fmt = tpformat.parse(tp.print_fmt) if tp.print_fmt is not None else None
+    if fmt is not None and fmt.shape != _KNOWN_SHAPES[tp.event]:
+        built = tpformat.pattern(fmt)
+        if built is not None:
+            return _Kind(tp.kind, False, built[0], built[1])
+    return _Kind(tp.kind, False, _TRACEPOINT_BODY[tp.event], {})
+
+
+def tracepoint_note(tp: Tracepoint) -> str:
+    """How the events of a (non-syscall) tracepoint are read, for --dry-run and doctor."""
+    name = f"{tp.system}:{tp.event}"
+    if tp.print_fmt is None:
+        return f"{name}: print format not read; the known one is assumed"
+    fmt = tpformat.parse(tp.print_fmt)
+    if fmt is not None and fmt.shape == _KNOWN_SHAPES[tp.event]:
+        return f"{name}: print format as known ({fmt.text!r})"
+    if fmt is not None and tpformat.pattern(fmt) is not None:
+        return (
+            f"{name}: print format {fmt.text!r} differs from the known one: read by it, "
+            f"fields {', '.join(fmt.names)}"
+        )
+    return f"{name}: print format not understood ({tp.print_fmt!r}); the known one is assumed"
 
 
 # The syscalls' own tracepoints (kernel/trace/trace_syscalls.c) print `sys_X(fd: 3,
@@ -158,13 +190,23 @@ _HEX = "(?P<{}>[0-9a-f]+)"
 _SIGNED = {"fd": 32, "ret": 64}
 
 
-def _syscall_pattern(tp: Tracepoint) -> re.Pattern[str]:
-    if tp.event.startswith("sys_exit_"):
-        return re.compile(" -> 0x" + _HEX.format("ret"))
-    args = _SYSCALL_ARGS[tp.kind]
-    return re.compile(
-        r"\(" + ", ".join(f"{name}: {_HEX.format(field)}" for name, field in args) + r"\)"
-    )
+# Any list of `name: value` pairs: a kernel that adds an argument still parses, and the
+# argument is kept (under its printed name) for --raw.
+_SYSCALL_ENTRY = re.compile(r"\((?P<_args>\w+: [0-9a-f]+(?:, \w+: [0-9a-f]+)*)?\)")
+_SYSCALL_EXIT = re.compile(" -> 0x" + _HEX.format("ret"))
+
+
+def _syscall_fields(kind: str, text: str) -> dict[str, int | str | None] | None:
+    """The arguments of a syscall entry (`fd: 3, uargs: 7fff..`) by modwatch's names, and
+    any the kernel prints beyond them by their own; None if one modwatch needs is missing."""
+    printed = dict(pair.split(": ") for pair in text.split(", ")) if text else {}
+    fields: dict[str, int | str | None] = {}
+    for name, field in _SYSCALL_ARGS[kind]:
+        if name not in printed:
+            return None
+        fields[field] = int(printed.pop(name), 16)
+    fields.update((name, int(value, 16)) for name, value in printed.items())
+    return fields
 
 
 class _Kind(NamedTuple):
@@ -174,15 +216,16 @@ class _Kind(NamedTuple):
     numeric: dict[str, int]  # field -> base for int()
     counted: tuple[tuple[str, str], ...] = ()
     signed: bool = False  # syscall tracepoint values, printed as unsigned long
+    syscall_args: bool = False  # a syscall entry's `(name: value, ...)` list
 
 
 def _kind_of(spec: ProbeSpec | Tracepoint) -> _Kind:
     if isinstance(spec, Tracepoint):
         if spec.system == "syscalls":
-            pattern = _syscall_pattern(spec)
-            numeric = dict.fromkeys(pattern.groupindex, 16)
-            return _Kind(spec.kind, False, pattern, numeric, signed=True)
-        return _Kind(spec.kind, False, _TRACEPOINT_BODY[spec.event], {})
+            if spec.event.startswith("sys_exit_"):
+                return _Kind(spec.kind, False, _SYSCALL_EXIT, {"ret": 16}, signed=True)
+            return _Kind(spec.kind, False, _SYSCALL_ENTRY, {}, signed=True, syscall_args=True)
+        return _tracepoint_kind(spec)
     numeric = {a.name: 16 if a.type[0] == "x" else 10 for a in spec.args if not a.is_string}
     return _Kind(spec.kind, spec.compat, body_pattern(spec), numeric, counted_strings(spec))
 
@@ -325,6 +368,11 @@ class Parser:
         for name, value in m.groupdict().items():
             base = kind.numeric.get(name)
             fields[name] = int(value, base) if base is not None and value is not None else value
+        if kind.syscall_args:
+            args = _syscall_fields(kind.kind, str(fields.pop("_args") or ""))
+            if args is None:
+                return None
+            fields = args
         if kind.signed:
             _signed(fields)
         if kind.counted:

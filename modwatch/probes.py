@@ -101,6 +101,8 @@ class Tracepoint:
 
     system: str
     event: str
+    # The running kernel's `print fmt:` (from its tracefs format file); None: not read.
+    print_fmt: str | None = None
 
     @property
     def kind(self) -> str:

@@ -5,6 +5,7 @@ definitions it came from, and the /proc facts read while the session ran.
     # clock-offset-us: 1764355124000000
     # probe: p:modwatch_123_ab12/mwab12_finit_module __x64_sys_finit_module fd=...
     # tracepoint: module/module_load
+    # print-fmt: module/module_load "%s %s", __get_str(name), __print_flags(...)
     <trace_pipe text, as read>
     #mw-caller-modwatch_123_ab12 {"tid": 812, "ts_us": 2439966, "pid": 812, ...}
 
@@ -16,6 +17,7 @@ surrogate escapes (backslash-udcXX), so that it reads back as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import IO
@@ -39,6 +41,11 @@ class TraceWriter:
         lines = [MAGIC, f"# group: {probe_set.group}", f"# clock-offset-us: {clock_offset_us}"]
         lines += [f"# probe: {p.definition()}" for p in probe_set.probes]
         lines += [f"# tracepoint: {t.system}/{t.event}" for t in probe_set.tracepoints]
+        lines += [
+            f"# print-fmt: {t.system}/{t.event} {t.print_fmt}"
+            for t in probe_set.tracepoints
+            if t.print_fmt is not None
+        ]
         stream.write("\n".join(lines) + "\n")
 
     def text(self, data: str) -> None:
@@ -59,6 +66,7 @@ class SavedTrace:
         self.path = path
         probes: list[ProbeSpec] = []
         tracepoints: list[Tracepoint] = []
+        print_fmts: dict[str, str] = {}
         self.clock_offset_us = 0
         self.callers: dict[tuple[int, int], Caller] = {}
         try:
@@ -88,6 +96,9 @@ class SavedTrace:
                     elif line.startswith("# tracepoint: "):
                         system, _, event = line[len("# tracepoint: ") :].strip().partition("/")
                         tracepoints.append(Tracepoint(system, event))
+                    elif line.startswith("# print-fmt: "):
+                        name, _, fmt = line[len("# print-fmt: ") :].rstrip("\n").partition(" ")
+                        print_fmts[name] = fmt
                     elif line.startswith("# group: "):
                         group = line[len("# group: ") :].strip()
                     elif line.startswith("# clock-offset-us: "):
@@ -102,6 +113,10 @@ class SavedTrace:
             ) from err
         group = group or (probes[0].group if probes else "")
         self.marker = caller_marker(group)
+        tracepoints = [
+            dataclasses.replace(t, print_fmt=print_fmts.get(f"{t.system}/{t.event}"))
+            for t in tracepoints
+        ]
         self.probe_set = ProbeSet(group, tuple(probes), tuple(tracepoints), ())
 
     def chunks(self, size: int = 1 << 16) -> Iterator[str]:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from modwatch import tpformat
 from modwatch.errors import ExitStatus, ModwatchError
 
 PROC_MOUNTS = "/proc/mounts"
@@ -223,6 +224,13 @@ class Tracefs:
     def remove_instance(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(self.path("instances", name))
+
+    def print_fmt(self, system: str, event: str) -> str | None:
+        """A tracepoint's `print fmt:` (its format file), or None if it cannot be read."""
+        try:
+            return tpformat.print_fmt_line(self.read("events", system, event, "format"))
+        except OSError:
+            return None
 
     def kprobe_misses(self, events: Iterable[str]) -> dict[str, int]:
         """The kernel's count of missed hits (`kprobe_profile`, third column) of each

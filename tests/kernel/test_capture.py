@@ -698,3 +698,12 @@ def test_a_call_in_flight_at_ctrl_c_is_a_record(
     rec = records[0]
     assert (rec["module"], rec["ret"], rec["incomplete"]) == ("mwtest", None, "in_flight")
     assert rec["params"] == "delay_ms=6000" and rec["pid"] == loader.pid
+
+
+def test_module_tracepoints_are_read_by_the_kernels_own_print_format(tracefs: Path) -> None:
+    probe_set = capture.plan(tracefs_mod.Tracefs(str(tracefs)), "modwatch_1_check")
+    fmts = {t.event: t.print_fmt for t in probe_set.tracepoints if t.system == "module"}
+    assert set(fmts) == {"module_load", "module_free"}
+    assert all(fmt and fmt.startswith('"%s') for fmt in fmts.values()), fmts
+    assert "module:module_load: print format as known ('%s %s')" in probe_set.choices
+    assert "module:module_free: print format as known ('%s')" in probe_set.choices

@@ -68,11 +68,26 @@ def fixed_plan(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- capture --dry-run ------------------------------------------------------------------
 
 
+# As Debian's 6.1 and 6.12 have it (fields elided).
+MODULE_LOAD_FORMAT = """name: module_load
+ID: 395
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+
+\tfield:unsigned int taints;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:__data_loc char[] name;\toffset:12;\tsize:4;\tsigned:0;
+
+print fmt: "%s %s", __get_str(name), __print_flags(REC->taints, "", { (1UL << 0), "P" }, \
+{ (1UL << 12), "O" }, { (1UL << 1), "F" }, { (1UL << 10), "C" }, { (1UL << 13), "E" })
+""".replace("\\\n", "")
+
+
 def test_dry_run_checked_against_a_fake_tracefs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_plan: None
 ) -> None:
     root = tmp_path / "tracing"
     (root / "events" / "module" / "module_load").mkdir(parents=True)
+    (root / "events" / "module" / "module_load" / "format").write_text(MODULE_LOAD_FORMAT)
     (root / "kprobe_events").write_text("")
     (root / "available_filter_functions").write_text(
         "__x64_sys_finit_module\n__x64_sys_init_module\n__x64_sys_delete_module\n"
@@ -115,6 +130,7 @@ def test_dry_run_checked_against_a_fake_tracefs(
             "# caller_cred: cred offsets not in BTF, uid from /proc",
             "# module_load: tracepoint module:module_load",
             "# module_free: tracepoint module:module_free not found, no module frees",
+            "# module:module_load: print format as known ('%s %s')",
             *DEFINITIONS,
             "# enable tracepoint module:module_load",
             "",

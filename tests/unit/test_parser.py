@@ -660,10 +660,14 @@ def test_property_parser_never_raises(pieces: list[str], data: st.DataObject) ->
 # -- the syscalls' own tracepoints (a kernel without kprobe events) ---------------------
 
 
+def tracepoint_parser() -> Parser:
+    """A parser of the tracepoint-only set (a kernel without kprobe events)."""
+    return Parser(probes.build_tracepoint_set(kt.GROUP, lambda system, event: True).by_event())
+
+
 def test_syscall_tracepoints_entry_and_exit_share_a_printed_name() -> None:
     # As printed by Debian's 6.12 (kernel test tests/kernel/test_capture.py, --no-kprobes).
-    pset = probes.build_tracepoint_set(kt.GROUP, lambda system, event: True)
-    parser = Parser(pset.by_event())
+    parser = tracepoint_parser()
     text = (
         kt.prefix("insmod", 112, 2_439_966).decode()
         + "sys_finit_module(fd: ffffffffffffffff, uargs: 55aae7f7c2a0, flags: 4)\n"
@@ -688,3 +692,20 @@ def test_tracepoint_set_without_syscall_tracepoints_is_an_error() -> None:
     with pytest.raises(ModwatchError, match="CONFIG_KPROBE_EVENTS") as caught:
         probes.build_tracepoint_set(kt.GROUP, lambda system, event: system == "module")
     assert caught.value.status == ExitStatus.NO_KPROBES
+
+
+def test_a_syscall_argument_modwatch_does_not_know_is_kept() -> None:
+    # A kernel whose syscall gained an argument (or prints one more): the event still
+    # parses, with the extra argument under its printed name, for --raw.
+    parser = tracepoint_parser()
+    text = (
+        kt.prefix("insmod", 112, 2_439_966).decode()
+        + "sys_finit_module(fd: 3, uargs: 55aae7f7c2a0, flags: 0, cookie: 2a)\n"
+        + kt.prefix("insmod", 112, 2_439_970).decode()
+        + "sys_finit_module(fd: 3, flags: 0)\n"  # one modwatch needs is missing
+    )
+    items = [*parser.feed(text), *parser.flush()]
+    assert isinstance(items[0], Event)
+    assert items[0].fields == {"fd": 3, "param_values": 0x55AAE7F7C2A0, "flags": 0, "cookie": 42}
+    assert isinstance(items[1], Unparsed)
+    assert len(items) == 2
