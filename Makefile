@@ -30,8 +30,8 @@ test: install ## unit tests on the host, then kernel tests in each guest kernel
 test-unit: install ## unit tests on the host
 	cd $(CURDIR) && $(BIN)/pytest -m "not kernel" tests/unit
 
-test-kernel: install ## kernel tests in guest kernels (KERNELS=6.1 or 6.12 for one; see scripts/testbed.py)
-	cd $(CURDIR) && $(BIN)/python scripts/testbed.py run
+test-kernel: install ## kernel tests in guest kernels (KERNELS=6.1 or 6.12 for one; SOAK=10000 for the full soak)
+	cd $(CURDIR) && $(BIN)/python scripts/testbed.py run $(if $(SOAK),-- --soak-cycles=$(SOAK))
 
 lint: install ## ruff check, ruff format --check, mypy --strict
 	cd $(CURDIR) && $(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

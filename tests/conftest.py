@@ -21,3 +21,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kernel" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-cycles",
+        type=int,
+        default=100,
+        help="load/unload cycles of the kernel soak test (the full soak: 10000, "
+        "make test-kernel SOAK=10000)",
+    )

@@ -11,6 +11,7 @@ import ctypes
 import datetime as dt
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -707,3 +708,64 @@ def test_module_tracepoints_are_read_by_the_kernels_own_print_format(tracefs: Pa
     assert all(fmt and fmt.startswith('"%s') for fmt in fmts.values()), fmts
     assert "module:module_load: print format as known ('%s %s')" in probe_set.choices
     assert "module:module_free: print format as known ('%s')" in probe_set.choices
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:", 1)[1].split()[0])
+
+
+def test_soak_every_cycle_one_record_each_memory_flat(
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    mwload: str,
+    mwtest_ko: Path,
+) -> None:
+    cycles = int(request.config.getoption("--soak-cycles"))
+    out = tmp_path / "soak.jsonl"
+
+    def written() -> int:
+        return out.read_text().count("\n")
+
+    child = Child("capture", "-o", str(out))
+    child.instance()
+    rss_start = rss_kib(child.pid)
+    started = time.monotonic()
+    # mwload runs up to 50 cycles per process (a load, then an unload); a script runs it
+    # again until all are done.
+    chunks = [min(50, cycles - done) for done in range(0, cycles, 50)]
+    cycle = ["finit", str(mwtest_ko), "", "delete", "mwtest"]
+    loop = tmp_path / "soak.sh"
+    loop.write_text(
+        "set -e\n" + "".join(shlex.join([mwload, *cycle * n]) + " 2>/dev/null\n" for n in chunks)
+    )
+    loader = subprocess.Popen(["sh", str(loop)])
+    try:
+        # Two unrelated sessions start and stop meanwhile.
+        for n, stop in ((1, signal.SIGTERM), (2, signal.SIGINT)):
+            wait_until(lambda n=n: written() >= cycles * 2 * n // 3, 3600, "soak progress")
+            other = Child("capture", "-o", str(tmp_path / f"other{n}.jsonl"))
+            other.instance()
+            other.send_signal(stop)
+            assert other.wait() == 0, n
+    finally:
+        assert loader.wait(timeout=3600) == 0
+    wait_until(lambda: written() >= 2 * cycles, 600, f"{2 * cycles} records")
+    rss_end = rss_kib(child.pid)
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0
+    elapsed = time.monotonic() - started
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 * cycles
+    assert [(r["type"], r["module"], r["ok"]) for r in records] == [
+        ("load", "mwtest", True),
+        ("unload", "mwtest", True),
+    ] * cycles
+    assert all(r["incomplete"] is None for r in records)
+    with capsys.disabled():
+        print(
+            f"\nsoak: {cycles} load/unload cycles in {elapsed:.0f} s, "
+            f"capture RSS {rss_start} KiB at start, {rss_end} KiB at the end"
+        )
+    assert rss_end - rss_start < 8 * 1024, (rss_start, rss_end)
