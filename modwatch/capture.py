@@ -267,7 +267,9 @@ class Capture:
     def replay(self, path: str) -> Generator[Record, None, None]:
         saved = SavedTrace(path)
         self.probe_set = saved.probe_set
-        correlator = Correlator(TraceClock(saved.clock_offset_us), saved)
+        correlator = Correlator(
+            TraceClock(saved.clock_offset_us), saved, _has_params_probe(saved.probe_set)
+        )
         parser = Parser(saved.probe_set.by_event())
         emitted = 0
         for chunk in [*saved.chunks(), None]:
@@ -341,7 +343,7 @@ class Capture:
             writer = TraceWriter(self.options.save_trace, probe_set, clock.offset_us)
         self._saver = writer
         enricher: Enricher = ProcEnricher(record=writer.caller if writer else None)
-        return fd, clock, Correlator(clock, enricher)
+        return fd, clock, Correlator(clock, enricher, _has_params_probe(probe_set))
 
     def _check_still_armed(self) -> None:
         """Raise if someone else removed this session's instance or probes, or disabled
@@ -518,6 +520,10 @@ class Capture:
     _signals: _Signals
     _fs: tracefs.Tracefs | None = None
     _enables: tuple[str, ...] = ()  # the enable files _arm wrote 1 to
+
+
+def _has_params_probe(probe_set: ProbeSet) -> bool:
+    return any(p.kind == "module_params" for p in probe_set.probes)
 
 
 def _raw_record(ev: Event, clock: TraceClock) -> Record:

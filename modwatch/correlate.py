@@ -54,6 +54,12 @@ ENTRY_MISSED = "entry_missed"  # the return came without its entry (lost, or bef
 RETURN_MISSED = "return_missed"  # the thread left the call, but its return never came
 EVICTED = "evicted"  # more than MAX_OPEN calls open at once: the oldest is let go
 IN_FLIGHT = "in_flight"  # the capture (or the saved trace) ended during the call
+# A load that got past parse_args without its parameters event: a parameter string too
+# long for one event of the ring buffer (about 4,000 bytes on a 4 KiB sub-buffer).
+PARAMS_LOST = "params_lost"
+# Parameters of PARAMS_MAX bytes: as many as a probe fetches, so maybe cut.
+PARAMS_TRUNCATED = "params_truncated"
+PARAMS_MAX = 4095  # MAX_STRING_SIZE (PATH_MAX) less the NUL
 
 Record = dict[str, Any]
 
@@ -111,6 +117,8 @@ class _Operation:
     init_ret: int | None = None
     taints: list[str] | None = None
     file_seen: bool = False
+    params_seen: bool = False
+    past_params: bool = False  # module_load or do_init_module: parse_args has run
     kernel_uid: int | None = None
     kernel_path: filepath.KernelPath | None = None
 
@@ -141,9 +149,14 @@ def _stage(op: _Operation, ret: int) -> str | None:
 class Correlator:
     """Feed events in trace order; get records back as operations complete."""
 
-    def __init__(self, clock: TraceClock, enricher: Enricher | None = None) -> None:
+    def __init__(
+        self, clock: TraceClock, enricher: Enricher | None = None, params_probe: bool = True
+    ) -> None:
         self.clock = clock
         self.enricher = enricher or NoEnrichment()
+        # Whether the probe set has the parameters event (module_params), so that a
+        # load past parse_args without one is known to have lost it.
+        self.params_probe = params_probe
         self.open: OrderedDict[int, _Operation] = OrderedDict()
         self.last_ts_us: int | None = None
         self.unmatched = 0  # kernel-side events outside any operation (e.g. boot-time)
@@ -166,14 +179,14 @@ class Correlator:
             op.passed_permission = True
             op.module = op.module or _str(f["name"])
         elif kind == "module_params":
-            op.passed_permission = True
+            op.passed_permission = op.params_seen = True
             op.params = _str(f["params"])
         elif kind == "module_load":
-            op.passed_permission = True
+            op.passed_permission = op.past_params = True
             op.module = str(f["name"])
             op.taints = list(str(f["taints"]))
         elif kind == "do_init_module":
-            op.passed_permission = op.init_ran = True
+            op.passed_permission = op.init_ran = op.past_params = True
             op.module = _str(f["name"]) or op.module
         elif kind == "do_init_module_ret":
             op.init_ret = _int(f["ret"])
@@ -267,6 +280,11 @@ class Correlator:
         return records
 
     def _record(self, op: _Operation, ret: int | None, incomplete: str | None = None) -> Record:
+        if incomplete is None and op.params is not None:
+            params_bytes = op.params.encode("utf-8", "surrogateescape")
+            incomplete = PARAMS_TRUNCATED if len(params_bytes) >= PARAMS_MAX else None
+        elif incomplete is None and self.params_probe and op.past_params and not op.params_seen:
+            incomplete = PARAMS_LOST
         table = UNLOAD_FLAGS if op.syscall == "delete_module" else LOAD_FLAGS
         path, path_source = filepath.choose(op.kernel_path, op.caller.path)
         return {

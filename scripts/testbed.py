@@ -38,9 +38,16 @@ from typing import IO
 CHECKOUT = Path(__file__).resolve().parent.parent
 VENV_BIN = CHECKOUT / ".venv" / "bin"
 MODULE_SOURCES = CHECKOUT / "tests" / "module"
-MODULES = ("mwtest", "mwtest_b")
+MODULES = ("mwtest", "mwtest_b", "mwtest_name_of_the_longest_length_a_module_may_have_55b")
 # User-space helpers of the kernel tests, compiled on the host: gcc under TCG takes minutes.
 HELPER_SOURCES = CHECKOUT / "tests" / "kernel"
+# Flags beyond -O2 -Wall: mwload32 is a 32-bit caller, built without a C library.
+HELPER_FLAGS = {
+    "mwload32": [
+        *("-m32", "-nostdlib", "-static", "-ffreestanding"),
+        *("-fno-pie", "-no-pie", "-fno-stack-protector"),
+    ],
+}
 
 # Kernel series -> Debian meta package that depends on the current kernel of that series.
 META_PACKAGES = {"6.1": "linux-image-amd64", "6.12": "linux-image-6.12-amd64"}
@@ -328,7 +335,9 @@ def build_modules(kernel: Kernel) -> None:
     for name in MODULES:
         shutil.copy2(build / f"{name}.ko", built)
     for path in helpers:
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(built / path.stem), str(path)], check=True)
+        flags = HELPER_FLAGS.get(path.stem, [])
+        output = str(built / path.stem)
+        subprocess.run(["gcc", "-O2", "-Wall", *flags, "-o", output, str(path)], check=True)
     (built / stamp.name).write_text(digest.hexdigest())
     # Swapped in at once: a guest of another test bed command may be using the old ones.
     old = build / "old"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-TEST_MODULES = ("mwtest", "mwtest_b")
+LONG_NAME = "mwtest_name_of_the_longest_length_a_module_may_have_55b"  # 55 bytes
+TEST_MODULES = ("mwtest", "mwtest_b", LONG_NAME)
 TRACEFS = Path("/sys/kernel/tracing")
 SYS_FINIT_MODULE = 313  # x86_64
 
@@ -75,9 +76,15 @@ def finit_module() -> Callable[[Path, str], int]:
     return load
 
 
+@pytest.fixture(scope="session")
+def long_name_ko(module_dir: Path) -> Path:
+    """mwtest under the longest name a module may have."""
+    return module_dir / f"{LONG_NAME}.ko"
+
+
 @pytest.fixture(autouse=True)
 def no_test_module_left() -> Iterator[None]:
-    """Remove mwtest and mwtest_b if a test left them loaded."""
+    """Remove the test modules if a test left them loaded."""
     yield
     deadline = time.monotonic() + 10
     while left := modules_in_proc() & set(TEST_MODULES):
@@ -92,6 +99,16 @@ def no_test_module_left() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def mwload(module_dir: Path) -> str:
     """The C loader (tests/kernel/mwload.c), built on the host by the test bed."""
-    binary = module_dir / "mwload"
+    return helper(module_dir, "mwload")
+
+
+@pytest.fixture(scope="session")
+def mwload32(module_dir: Path) -> str:
+    """A 32-bit caller of the module syscalls (tests/kernel/mwload32.c)."""
+    return helper(module_dir, "mwload32")
+
+
+def helper(module_dir: Path, name: str) -> str:
+    binary = module_dir / name
     assert binary.exists(), f"{binary} is missing: the test bed builds it with the modules"
     return str(binary)

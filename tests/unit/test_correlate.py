@@ -695,3 +695,44 @@ def test_uid_from_the_kernel_when_the_caller_is_gone() -> None:
         ],
     )
     assert records[0]["uid"] == 1000
+
+
+# -- parameter strings at the limits ----------------------------------------------------
+
+
+def test_parameters_lost_to_a_too_long_event_are_said_so() -> None:
+    # The kernel dropped module_params (too long for a ring buffer event); module_load
+    # shows that parse_args ran.
+    events = [e for e in load_events() if e.kind != "module_params"]
+    records = feed(Correlator(CLOCK), events)
+    assert [(r["params"], r["ok"], r["incomplete"]) for r in records] == [
+        (None, True, "params_lost")
+    ]
+
+
+def test_without_a_parameters_probe_nothing_is_lost() -> None:
+    events = [e for e in load_events() if e.kind != "module_params"]
+    records = feed(Correlator(CLOCK, params_probe=False), events)
+    assert [(r["params"], r["incomplete"]) for r in records] == [(None, None)]
+
+
+def test_a_load_refused_before_parse_args_lost_no_parameters() -> None:
+    events = [*load_events()[:3], ev("finit_module_ret", 244, 249_074_633, ret=-17)]
+    records = feed(Correlator(CLOCK), events)
+    assert [(r["errno"], r["incomplete"]) for r in records] == [("EEXIST", None)]
+
+
+@pytest.mark.parametrize(
+    ("length", "incomplete"), [(4094, None), (4095, "params_truncated"), (3000, None)]
+)
+def test_parameters_as_long_as_a_probe_fetches_may_be_cut(
+    length: int, incomplete: str | None
+) -> None:
+    params = "n=" + "\u00e9" * ((length - 2) // 2) + "x" * ((length - 2) % 2)  # bytes, not chars
+    events = [
+        e._replace(fields={"params": params}) if e.kind == "module_params" else e
+        for e in load_events()
+    ]
+    records = feed(Correlator(CLOCK), events)
+    assert len(records[0]["params"].encode()) == length
+    assert records[0]["incomplete"] == incomplete
