@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -299,6 +300,7 @@ class Capture:
 
     def _arm(self, undo: contextlib.ExitStack) -> tuple[int, TraceClock, Correlator]:
         fs = self._fs = open_tracefs()
+        undo.callback(self._release_private_mount)
         self.leftovers = remove_leftovers(fs)
         group = new_group(os.getpid())
         probe_set = self.probe_set = plan(fs, group, not self.options.no_kprobes)
@@ -312,6 +314,7 @@ class Capture:
         self.instance = group
         undo.callback(self._best_effort, fs.remove_instance, group)
         self._guard(fs.make_instance, group)
+        undo.callback(self._remount_if_gone, fs)
         base = os.path.join("instances", group)
         # The caller's pid as the kernel knew it, in a `(TGID)` column: the caller may
         # have exited before /proc can be asked. An option of this instance only.
@@ -345,6 +348,25 @@ class Capture:
         enricher: Enricher = ProcEnricher(record=writer.caller if writer else None)
         return fd, clock, Correlator(clock, enricher, _has_params_probe(probe_set))
 
+    def _remount_if_gone(self, fs: tracefs.Tracefs) -> None:
+        """Teardown needs tracefs: if someone unmounted it, mount it again where only this
+        session looks, so that its probes and instance are still removed."""
+        if fs.exists("instances"):
+            return
+        point = tempfile.mkdtemp(prefix="modwatch-tracefs-")
+        try:
+            tracefs.mount(point)
+        except OSError as err:
+            os.rmdir(point)
+            self.stats.teardown_errors.append(f"mounting tracefs again at {point}: {err.strerror}")
+            return
+        self._private_mount = fs.root = point
+
+    def _release_private_mount(self) -> None:
+        if self._private_mount is not None:
+            self._best_effort(tracefs.unmount, self._private_mount)
+            self._best_effort(os.rmdir, self._private_mount)
+
     def _check_still_armed(self) -> None:
         """Raise if someone else removed this session's instance or probes, or disabled
         its events: the kernel would say nothing, and the capture would see nothing."""
@@ -356,6 +378,12 @@ class Capture:
             gone = gone or any(fs.read(enable).strip() != "1" for enable in self._enables)
         except OSError:
             gone = True
+        if gone and not fs.exists("instances"):
+            raise ModwatchError(
+                f"modwatch: tracefs was unmounted from {fs.root} by someone else; nothing "
+                "more can be captured: mount it again and start modwatch again",
+                ExitStatus.TRACE_GONE,
+            )
         if gone:
             raise ModwatchError(
                 f"modwatch: tracefs instance {self.instance} or its probes were disabled or "
@@ -520,6 +548,7 @@ class Capture:
     _signals: _Signals
     _fs: tracefs.Tracefs | None = None
     _enables: tuple[str, ...] = ()  # the enable files _arm wrote 1 to
+    _private_mount: str | None = None  # tracefs mounted again for teardown
 
 
 def _has_params_probe(probe_set: ProbeSet) -> bool:

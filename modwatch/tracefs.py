@@ -61,6 +61,13 @@ def mount(target: str = DEFAULT_MOUNTPOINT) -> None:
         raise OSError(err, os.strerror(err), target)
 
 
+def unmount(target: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(target.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
 def lockdown_mode(path: str = LOCKDOWN_PATH) -> str | None:
     """The active lockdown mode (`none`, `integrity`, `confidentiality`), or None when the
     kernel has no lockdown LSM."""

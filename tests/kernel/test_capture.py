@@ -538,6 +538,23 @@ def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path) -> None:
     assert leftovers() == set()
 
 
+def test_tracefs_unmounted_under_a_capture(tracefs: Path) -> None:
+    child = Child("capture")
+    child.instance()
+    # A lazy unmount: the session's open trace_pipe keeps working, its paths do not.
+    subprocess.run(["umount", "-l", str(tracefs)], check=True)
+    try:
+        status, stderr = child.wait(timeout=120), child.rest_of_stderr()
+    finally:
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(tracefs)], check=True)
+    assert status == ExitStatus.TRACE_GONE, stderr
+    assert f"tracefs was unmounted from {tracefs}" in stderr and "Traceback" not in stderr
+    assert "teardown step failed" not in stderr, stderr
+    # Teardown mounted tracefs again where only it looked, removed everything, and left.
+    assert leftovers() == set()
+    assert "modwatch-tracefs-" not in Path("/proc/mounts").read_text()
+
+
 SYS_INIT_MODULE, SYS_DELETE_MODULE = 175, 176  # x86_64
 
 
