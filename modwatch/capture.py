@@ -10,6 +10,8 @@ and only those whose PID no longer runs modwatch are touched.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -26,8 +28,16 @@ from types import FrameType
 from typing import IO, Any
 
 from modwatch import btf, tracefs
-from modwatch.correlate import Correlator, Enricher, Record, TraceClock
+from modwatch.correlate import (
+    Correlator,
+    Enricher,
+    Pending,
+    Record,
+    TraceClock,
+    apply_file_facts,
+)
 from modwatch.errors import ExitStatus, ModwatchError
+from modwatch.modfile import FileFacts, FileReader
 from modwatch.parser import Event, Lost, Parser, Unparsed, tracepoint_note
 from modwatch.probes import (
     GROUP_PREFIX,
@@ -41,6 +51,10 @@ from modwatch.procfs import PROCFS_PATH, ProcEnricher, in_call_checker
 from modwatch.tracefile import SavedTrace, TraceWriter
 
 READ_SIZE = 1 << 16
+# How long a record waits for its module file's facts before it goes out without them,
+# and how often the reader looks while one waits.
+FILE_WAIT = 2.0
+OUTBOX_INTERVAL = 0.02
 # While idle, how often a session checks that its instance and probes are still there
 # (someone else may disable and remove them): a small read every few seconds.
 CHECK_INTERVAL = 5.0
@@ -66,6 +80,7 @@ class Options:
     save_trace: IO[str] | None = None
     command: list[str] | None = None
     no_kprobes: bool = False  # tracepoints only, as on a kernel without kprobe events
+    hashing: bool = True  # read each loaded module file (hash, signature, .modinfo)
 
 
 @dataclass
@@ -262,12 +277,16 @@ class Capture:
         self.probe_set: ProbeSet | None = None
         self.leftovers: list[str] = []
         self.on_armed: Callable[[Capture], None] | None = None
+        self._outbox = collections.deque()
 
     # -- records from a saved trace ---------------------------------------------------
 
     def replay(self, path: str) -> Generator[Record, None, None]:
         saved = SavedTrace(path)
         self.probe_set = saved.probe_set
+        yield from self._delivered(self._replayed(saved))
+
+    def _replayed(self, saved: SavedTrace) -> Iterator[Record]:
         correlator = Correlator(
             TraceClock(saved.clock_offset_us), saved, _has_params_probe(saved.probe_set)
         )
@@ -282,6 +301,45 @@ class Capture:
                     return
         yield from self._finish(correlator)
 
+    # -- records out, in order, with their module files' facts ---------------------------
+
+    def _delivered(self, source: Iterator[Record | None]) -> Iterator[Record]:
+        """Records in the order they came. One whose module file is still being read
+        waits for it, at most FILE_WAIT seconds, and the records after it wait in line.
+        `None` from `source` says: nothing new, look again."""
+        outbox = self._outbox
+        for item in source:
+            if item is not None:
+                outbox.append((item, item.pop("_pending", None), time.monotonic() + FILE_WAIT))
+            yield from self._release(final=False)
+        yield from self._release(final=True)
+
+    def _release(self, final: bool) -> Iterator[Record]:
+        outbox = self._outbox
+        while outbox:
+            record, pending, deadline = outbox[0]
+            if pending is not None:
+                if final:
+                    concurrent.futures.wait([pending.future], max(0, deadline - time.monotonic()))
+                if not pending.future.done() and time.monotonic() < deadline:
+                    return
+                apply_file_facts(record, self._file_facts(pending))
+            outbox.popleft()
+            yield record
+
+    def _file_facts(self, pending: Pending) -> FileFacts:
+        future = pending.future
+        if not future.done():
+            future.cancel()
+            return FileFacts(reasons={"sha256": f"still being read after {FILE_WAIT:g} s"})
+        try:
+            facts = future.result()
+        except Exception as err:  # a file no reader foresaw: the record still goes out
+            return FileFacts(reasons={"sha256": f"reading failed: {type(err).__name__}: {err}"})
+        if self._saver is not None:
+            self._saver.module_file(pending.tid, pending.ts_us, facts)
+        return facts
+
     # -- records from the kernel ------------------------------------------------------
 
     def run(self) -> Generator[Record, None, None]:
@@ -292,7 +350,7 @@ class Capture:
             with contextlib.ExitStack() as undo:
                 fd, clock, correlator = self._arm(undo)
                 signals.deferred = True
-                yield from self._read(fd, clock, correlator)
+                yield from self._delivered(self._read(fd, clock, correlator))
         except Stop:
             pass  # a signal came during setup: what was set up is torn down
         finally:
@@ -345,7 +403,9 @@ class Capture:
         if self.options.save_trace is not None:
             writer = TraceWriter(self.options.save_trace, probe_set, clock.offset_us)
         self._saver = writer
-        enricher: Enricher = ProcEnricher(record=writer.caller if writer else None)
+        files = FileReader(hashing=self.options.hashing)
+        undo.callback(files.close)
+        enricher: Enricher = ProcEnricher(record=writer.caller if writer else None, files=files)
         return fd, clock, Correlator(clock, enricher, _has_params_probe(probe_set))
 
     def _remount_if_gone(self, fs: tracefs.Tracefs) -> None:
@@ -402,7 +462,7 @@ class Capture:
                 ExitStatus.PROBE_REJECTED,
             ) from err
 
-    def _read(self, fd: int, clock: TraceClock, correlator: Correlator) -> Iterator[Record]:
+    def _read(self, fd: int, clock: TraceClock, correlator: Correlator) -> Iterator[Record | None]:
         opts = self.options
         assert self.probe_set is not None
         parser = Parser(self.probe_set.by_event())
@@ -428,11 +488,11 @@ class Capture:
         emitted = 0
         try:
             while True:
-                timeout = CHECK_INTERVAL
+                timeout = CHECK_INTERVAL if not self._outbox else OUTBOX_INTERVAL
                 if deadline is not None:
                     timeout = min(timeout, max(0, deadline - time.monotonic()))
                 ready = poller.poll(timeout * 1000)
-                if not ready:
+                if not ready and not self._outbox:
                     self._check_still_armed()
                 records = self._drain(fd, parser, correlator)
                 if time.monotonic() >= next_sweep:
@@ -454,6 +514,7 @@ class Capture:
                     break
                 if self._signals.stop is not None:
                     break
+                yield None  # a record waiting for its module file may be ready
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -549,6 +610,8 @@ class Capture:
     _fs: tracefs.Tracefs | None = None
     _enables: tuple[str, ...] = ()  # the enable files _arm wrote 1 to
     _private_mount: str | None = None  # tracefs mounted again for teardown
+    # Records on their way out: (record, its module file being read, wait until).
+    _outbox: collections.deque[tuple[Record, Pending | None, float]]
 
 
 def _has_params_probe(probe_set: ProbeSet) -> bool:

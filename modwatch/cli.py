@@ -104,6 +104,15 @@ def capture_command(
             "(what --dry-run shows as missing: params, init_ret, paths and uids from /proc).",
         ),
     ] = False,
+    hashing: Annotated[
+        bool,
+        typer.Option(
+            "--hash/--no-hash",
+            help="Read each loaded module file (sha256, size, signature, compression, "
+            "vermagic, srcversion), off the reading path, waiting at most 2 s per record. "
+            "--no-hash skips the read, for a slow disk.",
+        ),
+    ] = True,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the probe definitions and exit; touch nothing."),
@@ -169,6 +178,7 @@ def capture_command(
         save_trace=trace_file,
         command=command or None,
         no_kprobes=no_kprobes,
+        hashing=hashing,
     )
     cap = capture.Capture(options)
     cap.on_armed = _banner

@@ -12,15 +12,19 @@ import datetime as dt
 import errno
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from modwatch import filepath
 from modwatch.decode import LOAD_FLAGS, UNLOAD_FLAGS, errno_name, flag_names
+from modwatch.modfile import FILE_KEYS, FileFacts
 from modwatch.parser import Event, Lost
 
 SCHEMA_VERSION = 1
 SYSCALLS = ("finit_module", "init_module", "delete_module")
+# The caller's facts in a record, besides pid and uid.
+CALLER_KEYS = ("ppid", "euid", "loginuid", "exe", "cmdline", "cgroup", "container", "ancestry")
 RECORD_KEYS = (
     "v",
     "type",
@@ -29,6 +33,7 @@ RECORD_KEYS = (
     "module",
     "path",
     "path_source",
+    *FILE_KEYS,
     "params",
     "flags",
     "flags_raw",
@@ -43,6 +48,9 @@ RECORD_KEYS = (
     "tid",
     "uid",
     "comm",
+    *CALLER_KEYS,
+    "proc_gone",
+    "reasons",
     "escaped",
 )
 # Open operations whose return never came (a missed kretprobe, lost events) are
@@ -75,18 +83,60 @@ class Caller(NamedTuple):
     pid: int | None
     uid: int | None
     path: str | None  # the module file, from the caller's fd (finit_module)
+    ppid: int | None = None
+    euid: int | None = None
+    loginuid: int | None = None  # None also when unset (4294967295)
+    exe: str | None = None
+    cmdline: list[str] | None = None
+    cgroup: str | None = None  # the unified (v2) hierarchy's path
+    container: str | None = None  # a container id the cgroup path names
+    ancestry: list[dict[str, Any]] | None = None  # {"pid", "name"} from parent to pid 1
+    gone: bool | None = None  # the process had exited; None: /proc was not asked
+    reasons: dict[str, str] | None = None  # why a field is None, where it could be known
 
 
 NO_CALLER = Caller(None, None, None)
+GONE = "the process had exited when /proc was read"
+
+
+# The module file's facts, being read (or read already).
+FileJob = Future[FileFacts]
 
 
 class Enricher(Protocol):
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller: ...
 
+    def module_file(
+        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
+    ) -> FileJob | None:
+        """Start reading the file a finit_module call loads, once it has passed the
+        permission check (so no unprivileged caller can make modwatch read files)."""
+        ...
+
 
 class NoEnrichment:
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         return NO_CALLER
+
+    def module_file(
+        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
+    ) -> FileJob | None:
+        return None
+
+
+class Pending(NamedTuple):
+    """A record's module-file facts still being read: the capture waits for them (a
+    bounded time) before the record goes out, then calls `apply_file_facts`."""
+
+    tid: int
+    ts_us: int
+    future: Future[FileFacts]
+
+
+def apply_file_facts(record: Record, facts: FileFacts) -> None:
+    record.update((key, getattr(facts, key)) for key in FILE_KEYS)
+    reasons = {**(record["reasons"] or {}), **(facts.reasons or {})}
+    record["reasons"] = {k: v for k, v in reasons.items() if record.get(k) is None} or None
 
 
 class TraceClock:
@@ -120,7 +170,10 @@ class _Operation:
     params_seen: bool = False
     past_params: bool = False  # module_load or do_init_module: parse_args has run
     kernel_uid: int | None = None
+    kernel_euid: int | None = None
     kernel_path: filepath.KernelPath | None = None
+    fd: int | None = None  # finit_module's
+    file_job: FileJob | None = None
 
 
 def _str(value: object) -> str | None:
@@ -144,6 +197,21 @@ def _stage(op: _Operation, ret: int) -> str | None:
     if not op.passed_permission and ret == -errno.EPERM:
         return "permission"
     return "unload" if unload else "load"
+
+
+def _caller_facts(op: _Operation) -> Record:
+    """The caller keys of a record: from /proc, the euid from the kernel where it told;
+    `reasons` says why a fact /proc could have given is null."""
+    caller = op.caller
+    facts: Record = {key: getattr(caller, key) for key in CALLER_KEYS}
+    if op.kernel_euid is not None:
+        facts["euid"] = op.kernel_euid
+    reasons = dict(caller.reasons or {})
+    if caller.gone:
+        reasons.update((key, GONE) for key, value in facts.items() if value is None)
+    facts["proc_gone"] = caller.gone
+    facts["reasons"] = {k: v for k, v in reasons.items() if facts.get(k) is None} or None
+    return facts
 
 
 class Correlator:
@@ -193,7 +261,7 @@ class Correlator:
         elif kind == "caller_cred":
             # The permission check's credentials; the module's init may check others.
             if op.kernel_uid is None and not op.init_ran:
-                op.kernel_uid = _int(f["uid"])
+                op.kernel_uid, op.kernel_euid = _int(f["uid"]), _int(f.get("euid"))
         elif kind == "module_file":
             op.passed_permission = True
             # The first file read of a finit_module is the module's own; the module's
@@ -207,6 +275,11 @@ class Correlator:
                 op.module = str(f["name"])
         else:
             self.unmatched += 1
+        if op.passed_permission and op.file_job is None and op.fd is not None:
+            path, _ = filepath.choose(op.kernel_path, op.caller.path)
+            wall_ns = (op.ts_us + self.clock.offset_us) * 1000
+            pid = op.caller.pid
+            op.file_job = self.enricher.module_file(op.tid, op.ts_us, pid, op.fd, path, wall_ns)
         return []
 
     def lost(self, lost: Lost) -> Record:
@@ -255,6 +328,7 @@ class Correlator:
             # Without kprobes (syscall tracepoints) only the line prefix names the task.
             comm=_str(ev.fields["comm"]) if "comm" in ev.fields else _task(ev.task),
             flags_raw=_int(ev.fields.get("flags")),
+            fd=_int(ev.fields.get("fd")) if ev.kind == "finit_module" else None,
             caller=self.enricher.caller(ev.tid, ev.ts_us, _int(ev.fields.get("fd"))),
         )
         if ev.tgid is not None and op.caller.pid is None:
@@ -287,7 +361,7 @@ class Correlator:
             incomplete = PARAMS_LOST
         table = UNLOAD_FLAGS if op.syscall == "delete_module" else LOAD_FLAGS
         path, path_source = filepath.choose(op.kernel_path, op.caller.path)
-        return {
+        record = {
             "v": SCHEMA_VERSION,
             "type": "unload" if op.syscall == "delete_module" else "load",
             "time": self.clock.iso(op.ts_us),
@@ -295,6 +369,7 @@ class Correlator:
             "module": op.module,
             "path": path,
             "path_source": path_source,
+            **dict.fromkeys(FILE_KEYS),
             "params": op.params,
             "flags": None if op.flags_raw is None else flag_names(op.flags_raw, table),
             "flags_raw": op.flags_raw,
@@ -309,5 +384,9 @@ class Correlator:
             "tid": op.tid,
             "uid": op.kernel_uid if op.kernel_uid is not None else op.caller.uid,
             "comm": op.comm,
+            **_caller_facts(op),
             "escaped": None,  # the writer lists strings it had to escape (not UTF-8)
         }
+        if op.file_job is not None:
+            record["_pending"] = Pending(op.tid, op.ts_us, op.file_job)
+        return record

@@ -7,9 +7,13 @@ event is read. Whatever vanished is None, never an exception.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 from modwatch.correlate import Caller, InCall
+from modwatch.modfile import FileFacts, FileReader
 from modwatch.probes import Arch
 
 PROCFS_PATH = "/proc"
@@ -69,13 +73,108 @@ def in_call_checker(arch: Arch, procfs: str = PROCFS_PATH) -> InCall:
     return in_call
 
 
+LOGINUID_UNSET = 4294967295  # (uid_t)-1: no login session (a daemon, early boot)
+MAX_ANCESTRY = 64  # a bound against a pid cycle read across races
+# A container id (64 hex digits) in a cgroup path segment: docker-ID.scope, /docker/ID,
+# cri-containerd-ID.scope, crio-ID.scope, libpod-ID.scope, ...
+_CONTAINER = re.compile(r"(?:^|[-/])([0-9a-f]{64})(?:\.scope)?$")
+
+
+def _read(path: str) -> bytes | OSError:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        return err
+
+
+def _why(err: OSError) -> str:
+    return f"{err.strerror or err}"
+
+
+def container_id(cgroup: str) -> str | None:
+    """The container id a cgroup path names, if any (its last such segment)."""
+    for segment in reversed(cgroup.split("/")):
+        m = _CONTAINER.search(segment)
+        if m:
+            return m[1]
+    return None
+
+
+def ancestry(ppid: int | None, procfs: str = PROCFS_PATH) -> list[dict[str, Any]]:
+    """pid and name of each ancestor, from the parent up to pid 1 (or as far as /proc
+    still knows them)."""
+    chain: list[dict[str, Any]] = []
+    pid = ppid
+    while pid and len(chain) < MAX_ANCESTRY and all(a["pid"] != pid for a in chain):
+        status = read_status(pid, procfs)
+        if not status:
+            break
+        chain.append({"pid": pid, "name": status.get("Name")})
+        pid = int(status.get("PPid", "0") or 0)
+    return chain
+
+
 def caller(tid: int, fd: int | None, procfs: str = PROCFS_PATH) -> Caller:
     status = read_status(tid, procfs)
     pid = int(status["Tgid"]) if "Tgid" in status else None
-    # Uid: real, effective, saved, filesystem.
-    uid = int(status["Uid"].split()[0]) if "Uid" in status else None
     path = fd_path(pid if pid is not None else tid, fd, procfs) if fd is not None else None
-    return Caller(pid, uid, path)
+    if not status:
+        return Caller(None, None, path, gone=True)
+    # Uid: real, effective, saved, filesystem.
+    uids = status.get("Uid", "").split()
+    ppid = int(status["PPid"]) if "PPid" in status else None
+    base = f"{procfs}/{pid}"
+    reasons: dict[str, str] = {}
+
+    loginuid: int | None = None
+    raw = _read(f"{base}/loginuid")
+    if isinstance(raw, OSError):
+        reasons["loginuid"] = _why(raw)
+    elif int(raw or LOGINUID_UNSET) == LOGINUID_UNSET:
+        reasons["loginuid"] = "unset: not from a login session"
+    else:
+        loginuid = int(raw)
+
+    exe: str | None = None
+    try:
+        exe = os.readlink(f"{base}/exe")
+    except OSError as err:
+        reasons["exe"] = _why(err)
+
+    cmdline: list[str] | None = None
+    raw = _read(f"{base}/cmdline")
+    if isinstance(raw, OSError):
+        reasons["cmdline"] = _why(raw)
+    else:
+        cmdline = [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]] if raw else []
+
+    cgroup: str | None = None
+    raw = _read(f"{base}/cgroup")
+    if isinstance(raw, OSError):
+        reasons["cgroup"] = _why(raw)
+    else:
+        unified = [line[3:] for line in raw.splitlines() if line.startswith(b"0::")]
+        if unified:
+            cgroup = os.fsdecode(unified[0])
+        else:
+            reasons["cgroup"] = "no unified (cgroup v2) hierarchy"
+
+    return Caller(
+        pid,
+        int(uids[0]) if uids else None,
+        path,
+        ppid=ppid,
+        euid=int(uids[1]) if len(uids) > 1 else None,
+        loginuid=loginuid,
+        exe=exe,
+        cmdline=cmdline,
+        cgroup=cgroup,
+        container=container_id(cgroup) if cgroup else None,
+        ancestry=ancestry(ppid, procfs),
+        gone=False,
+        reasons=reasons or None,
+    )
 
 
 class ProcEnricher:
@@ -86,9 +185,24 @@ class ProcEnricher:
         self,
         procfs: str = PROCFS_PATH,
         record: Callable[[int, int, Caller], None] | None = None,
+        files: FileReader | None = None,
     ) -> None:
         self.procfs = procfs
         self.record = record
+        self.files = files or FileReader()
+
+    def module_file(
+        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
+    ) -> Future[FileFacts]:
+        """The loader's file, opened again through /proc while its call is in flight (the
+        very file the kernel read), and read in a worker; by its path if that fails."""
+        try:
+            own: int | None = os.open(
+                f"{self.procfs}/{pid or tid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC
+            )
+        except OSError:
+            own = None
+        return self.files.start(own, path, wall_ns)
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         facts = caller(tid, fd, self.procfs)

@@ -8,8 +8,10 @@ definitions it came from, and the /proc facts read while the session ran.
     # print-fmt: module/module_load "%s %s", __get_str(name), __print_flags(...)
     <trace_pipe text, as read>
     #mw-caller-modwatch_123_ab12 {"tid": 812, "ts_us": 2439966, "pid": 812, ...}
+    #mw-file-modwatch_123_ab12 {"tid": 812, "ts_us": 2439966, "sha256": "9f86...", ...}
 
-`#mw-caller-GROUP` lines follow the text that holds the event they describe. The
+`#mw-caller-GROUP` lines follow the text that holds the event they describe; a
+`#mw-file-GROUP` line (the module file's facts) comes once they were read. The
 group's random part keeps a caller from forging one through its task name, which
 the trace text holds raw; the JSON is ASCII, with raw bytes of a path kept as
 surrogate escapes (backslash-udcXX), so that it reads back as it was.
@@ -20,24 +22,32 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import IO
 
-from modwatch.correlate import Caller
+from modwatch.correlate import NO_CALLER, Caller
 from modwatch.errors import ExitStatus, ModwatchError
+from modwatch.modfile import FileFacts, done
 from modwatch.probes import ProbeSet, ProbeSpec, Tracepoint
 
 MAGIC = "# modwatch trace v1"
 CALLER = "#mw-caller-"
+FILE = "#mw-file-"
 
 
 def caller_marker(group: str) -> str:
     return f"{CALLER}{group} "
 
 
+def file_marker(group: str) -> str:
+    return f"{FILE}{group} "
+
+
 class TraceWriter:
     def __init__(self, stream: IO[str], probe_set: ProbeSet, clock_offset_us: int) -> None:
         self.stream = stream
         self.marker = caller_marker(probe_set.group)
+        self.file_marker = file_marker(probe_set.group)
         lines = [MAGIC, f"# group: {probe_set.group}", f"# clock-offset-us: {clock_offset_us}"]
         lines += [f"# probe: {p.definition()}" for p in probe_set.probes]
         lines += [f"# tracepoint: {t.system}/{t.event}" for t in probe_set.tracepoints]
@@ -52,8 +62,14 @@ class TraceWriter:
         self.stream.write(data)
 
     def caller(self, tid: int, ts_us: int, facts: Caller) -> None:
-        entry = {"tid": tid, "ts_us": ts_us, **facts._asdict()}
+        # Facts that are None are left out: the reader fills them in as None.
+        known = {k: v for k, v in facts._asdict().items() if v is not None}
+        entry = {"tid": tid, "ts_us": ts_us, **known}
         self.stream.write(self.marker + json.dumps(entry) + "\n")
+
+    def module_file(self, tid: int, ts_us: int, facts: FileFacts) -> None:
+        entry = {"tid": tid, "ts_us": ts_us, **facts._asdict()}
+        self.stream.write(self.file_marker + json.dumps(entry) + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
@@ -69,6 +85,7 @@ class SavedTrace:
         print_fmts: dict[str, str] = {}
         self.clock_offset_us = 0
         self.callers: dict[tuple[int, int], Caller] = {}
+        self.files: dict[tuple[int, int], FileFacts] = {}
         try:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 if f.readline().rstrip("\n") != MAGIC:
@@ -78,19 +95,24 @@ class SavedTrace:
                         ExitStatus.BAD_TRACE_FILE,
                     )
                 header = True
-                marker = None
+                marker = files = None
                 group = ""
                 for line in f:
                     header = header and line.startswith("# ")
                     if not header:
-                        if marker is None:
+                        if marker is None or files is None:
                             group = group or (probes[0].group if probes else "")
-                            marker = caller_marker(group)
+                            marker, files = caller_marker(group), file_marker(group)
                         if line.startswith(marker):
                             entry = json.loads(line[len(marker) :])
-                            self.callers[(entry["tid"], entry["ts_us"])] = Caller(
-                                entry["pid"], entry["uid"], entry["path"]
+                            facts = {k: v for k, v in entry.items() if k in Caller._fields}
+                            self.callers[(entry["tid"], entry["ts_us"])] = NO_CALLER._replace(
+                                **facts
                             )
+                        elif line.startswith(files):
+                            entry = json.loads(line[len(files) :])
+                            known = {k: v for k, v in entry.items() if k in FileFacts._fields}
+                            self.files[(entry["tid"], entry["ts_us"])] = FileFacts(**known)
                     elif line.startswith("# probe: "):
                         probes.append(ProbeSpec.parse(line[len("# probe: ") :].rstrip("\n")))
                     elif line.startswith("# tracepoint: "):
@@ -113,6 +135,7 @@ class SavedTrace:
             ) from err
         group = group or (probes[0].group if probes else "")
         self.marker = caller_marker(group)
+        self.file_marker = file_marker(group)
         tracepoints = [
             dataclasses.replace(t, print_fmt=print_fmts.get(f"{t.system}/{t.event}"))
             for t in tracepoints
@@ -128,7 +151,7 @@ class SavedTrace:
                 if in_header and line.startswith("# "):
                     continue
                 in_header = False
-                if line.startswith(self.marker):
+                if line.startswith((self.marker, self.file_marker)):
                     continue
                 batch.append(line)
                 if len(batch) >= size // 64:
@@ -139,3 +162,9 @@ class SavedTrace:
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         return self.callers.get((tid, ts_us), Caller(None, None, None))
+
+    def module_file(
+        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
+    ) -> Future[FileFacts] | None:
+        facts = self.files.get((tid, ts_us))
+        return None if facts is None else done(facts)

@@ -7,10 +7,10 @@
  * start costs seconds in an emulated guest.
  *
  *   mwload [--comm NAME] [--uid UID] OP...
- *   OP: finit PATH PARAMS | unlinked PATH PARAMS | init PATH PARAMS | delete NAME | sleep MS
- *       | storm N
+ *   OP: finit PATH PARAMS | finitc PATH PARAMS | unlinked PATH PARAMS | init PATH PARAMS
+ *       | delete NAME | sleep MS | storm N
  *
- * `unlinked` opens PATH, unlinks it, then loads from the open file. `storm` makes N
+ * `finitc` passes MODULE_INIT_COMPRESSED_FILE. `unlinked` opens PATH, unlinks it, then loads from the open file. `storm` makes N
  * finit_module(-1) calls, each failing with EBADF after the permission check, silently.
  *
  * Exit status: 0 if every call returned 0, else 1; 2 for a usage error.
@@ -34,7 +34,7 @@ static long report(const char *op, long ret)
 	return ret;
 }
 
-static long do_finit(const char *path, const char *params, int unlink_first)
+static long do_finit(const char *path, const char *params, int unlink_first, int flags)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	long ret;
@@ -43,7 +43,7 @@ static long do_finit(const char *path, const char *params, int unlink_first)
 		perror(path);
 		exit(2);
 	}
-	ret = syscall(SYS_finit_module, fd, params, 0);
+	ret = syscall(SYS_finit_module, fd, params, flags);
 	report("finit", ret);
 	close(fd);
 	return ret;
@@ -88,10 +88,14 @@ int main(int argc, char **argv)
 		const char *op = argv[i++];
 
 		if (!strcmp(op, "finit") && i + 1 < argc) {
-			failures += do_finit(argv[i], argv[i + 1], 0) != 0;
+			failures += do_finit(argv[i], argv[i + 1], 0, 0) != 0;
+			i += 2;
+		} else if (!strcmp(op, "finitc") && i + 1 < argc) {
+			/* MODULE_INIT_COMPRESSED_FILE: the kernel decompresses (6.4+) */
+			failures += do_finit(argv[i], argv[i + 1], 0, 4) != 0;
 			i += 2;
 		} else if (!strcmp(op, "unlinked") && i + 1 < argc) {
-			failures += do_finit(argv[i], argv[i + 1], 1) != 0;
+			failures += do_finit(argv[i], argv[i + 1], 1, 0) != 0;
 			i += 2;
 		} else if (!strcmp(op, "init") && i + 1 < argc) {
 			failures += do_init(argv[i], argv[i + 1]) != 0;

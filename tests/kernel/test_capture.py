@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import hashlib
 import json
 import os
 import shlex
@@ -833,3 +834,131 @@ def test_limits_long_parameters_longest_module_name_and_a_32_bit_caller(
     assert [r["params"] for r in records[6:8]] == ["note=32", None]
     assert [r["stage"] for r in records[6:]] == [None, "load", None, "unload"]
     assert all(r["path"] == ko for r in records[6:8])
+
+
+def test_caller_facts_cgroup_ancestry_and_another_euid(
+    tmp_path: Path, mwload: str, mwtest_ko: Path
+) -> None:
+    cgroup_root = Path("/sys/fs/cgroup")
+    if not (cgroup_root / "cgroup.procs").exists():
+        subprocess.run(["mount", "-t", "cgroup2", "none", str(cgroup_root)], check=True)
+    cgroup = cgroup_root / "modwatch-test"
+    cgroup.mkdir(exist_ok=True)
+    ko = str(mwtest_ko)
+    comm = 'a b"c\nd'
+    # Each loader sleeps after its call, so that /proc still has it when read.
+    in_cgroup = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
+    command = script(
+        tmp_path,
+        ["sh", "-c", in_cgroup, "sh", mwload, "--comm", comm, "finit", ko, "", "sleep", "3000"],
+        ["setpriv", "--euid=65534", mwload, "finit", ko, "", "sleep", "3000"],
+        [mwload, "delete", "mwtest"],
+    )
+    out = tmp_path / "facts.jsonl"
+    child = Child("capture", "-o", str(out), "--", *command)
+    try:
+        assert child.wait() == 0  # the script's status: its last command's
+    finally:
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        wait_until(lambda: not (cgroup / "cgroup.procs").read_text(), 30, "cgroup empty")
+        cgroup.rmdir()
+    loaded, refused, _ = (json.loads(line) for line in out.read_text().splitlines())
+    assert (loaded["comm"], loaded["ok"], loaded["proc_gone"]) == (comm, True, False)
+    assert loaded["exe"] == mwload
+    assert loaded["cmdline"] == [mwload, "--comm", comm, "finit", ko, "", "sleep", "3000"]
+    assert loaded["cgroup"] == "/modwatch-test" and loaded["container"] is None
+    ancestry = [a["pid"] for a in loaded["ancestry"]]
+    assert child.pid in ancestry and ancestry[-1] == 1, loaded["ancestry"]
+    assert loaded["ancestry"][0]["name"] == "sh"  # the script that ran it
+    assert loaded["ppid"] == ancestry[0]
+    # No login session in the guest: loginuid unset, and said so.
+    assert loaded["loginuid"] is None
+    assert loaded["reasons"]["loginuid"] == "unset: not from a login session"
+    # setpriv --euid: the real uid stays 0, the effective one is 65534, so the
+    # permission check refuses.
+    assert (refused["uid"], refused["euid"], refused["errno"]) == (0, 65534, "EPERM")
+    assert refused["exe"] == mwload and refused["cgroup"] != "/modwatch-test"
+
+
+def test_a_caller_gone_before_proc_is_read(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
+    out = tmp_path / "gone.jsonl"
+    child = Child("capture", "-o", str(out))
+    child.instance()
+    os.kill(child.pid, signal.SIGSTOP)  # the capture reads nothing until the loader is gone
+    try:
+        subprocess.run([mwload, "finit", str(mwtest_ko), "note=gone", "delete", "mwtest"])
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    wait_until(lambda: out.read_text().count("\n") >= 2, 60, "two records")
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0
+    load, unload = (json.loads(line) for line in out.read_text().splitlines())
+    for rec in (load, unload):
+        assert rec["proc_gone"] is True and rec["ok"] is True
+        # What the kernel told is there: uid and euid (permission check), comm, module.
+        assert (rec["uid"], rec["euid"], rec["comm"], rec["module"]) == (0, 0, "mwload", "mwtest")
+        assert rec["exe"] is None and rec["ancestry"] is None
+        assert rec["reasons"]["exe"] == "the process had exited when /proc was read"
+    assert load["params"] == "note=gone" and load["path"] == str(mwtest_ko)
+
+
+def modinfo_field(path: Path, field: str) -> str | None:
+    """A .modinfo field as kmod's modinfo reads it (None when the file has none)."""
+    got = subprocess.run(["modinfo", "-F", field, str(path)], capture_output=True, text=True)
+    return got.stdout.removesuffix("\n") or None
+
+
+def test_module_file_facts(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
+    release = os.uname().release
+    ko = tmp_path / "mwtest.ko"
+    ko.write_bytes(mwtest_ko.read_bytes())
+    # A Debian module without dependencies: crc7.ko on 6.1, crc7.ko.xz on 6.12, which the
+    # kernel decompresses itself when asked (MODULE_INIT_COMPRESSED_FILE).
+    debian = next(Path(f"/lib/modules/{release}/kernel/lib").glob("crc7.ko*"))
+    xz = debian.suffix == ".xz"
+    out = tmp_path / "files.jsonl"
+    child = Child("capture", "-o", str(out))
+    child.instance()
+    loaded = ko.read_bytes()
+    # A slow init keeps the loader in its call while modwatch reads its open file (a
+    # loader gone by then is read by path: hash_source "path").
+    subprocess.run([mwload, "finit", str(ko), "delay_ms=3000", "delete", "mwtest"], check=True)
+    subprocess.run([mwload, "finitc" if xz else "finit", str(debian), "", "delete", "crc7"])
+    wait_until(lambda: out.read_text().count("\n") >= 4, 60, "four records")
+    # A file rewritten after the load, before modwatch could read it: stale.
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        subprocess.run([mwload, "finit", str(ko), "", "delete", "mwtest"], check=True)
+        with open(ko, "ab") as f:
+            f.write(b"rewritten")
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    wait_until(lambda: out.read_text().count("\n") >= 6, 60, "six records")
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    test, crc7, stale = records[0], records[2], records[4]
+    assert [r["module"] for r in (test, crc7, stale)] == ["mwtest", "crc7", "mwtest"]
+    assert all(r["sha256"] is None for r in records[1::2])  # unloads read no file
+
+    assert test["sha256"] == hashlib.sha256(loaded).hexdigest()
+    assert (test["size"], test["hash_source"], test["stale"]) == (len(loaded), "fd", False)
+    assert (test["signed"], test["compressed"], test["in_tree"]) == (False, None, False)
+    assert test["vermagic"] == modinfo_field(ko, "vermagic")
+    assert test["vermagic"].startswith(release + " ")
+    assert test["srcversion"] == modinfo_field(ko, "srcversion")
+    assert test["taints"] == ["O", "E"]
+
+    assert crc7["ok"] is True, crc7
+    assert crc7["sha256"] == hashlib.sha256(debian.read_bytes()).hexdigest()
+    assert crc7["hash_source"] in ("fd", "path") and crc7["stale"] is False
+    assert (crc7["signed"], crc7["in_tree"]) == (True, True)
+    assert crc7["compressed"] == ("xz" if xz else None)
+    assert crc7["flags"] == (["MODULE_INIT_COMPRESSED_FILE"] if xz else [])
+    assert crc7["vermagic"] == modinfo_field(debian, "vermagic")
+    assert crc7["srcversion"] == modinfo_field(debian, "srcversion")
+    assert crc7["taints"] == []
+
+    assert stale["stale"] is True
+    assert stale["sha256"] == hashlib.sha256(loaded + b"rewritten").hexdigest()

@@ -6,6 +6,9 @@ Arming probes and reading trace_pipe need a kernel: tests/kernel covers them.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,8 @@ import pytest
 
 from modwatch import capture, output
 from modwatch.capture import Capture, Options
-from modwatch.correlate import Caller
+from modwatch.correlate import Caller, Pending
+from modwatch.modfile import FileFacts
 from modwatch.tracefile import TraceWriter
 
 from . import kernel_text as kt
@@ -160,3 +164,55 @@ def test_owner_alive(tmp_path: Path) -> None:
     assert not capture._owner_alive(243, str(tmp_path))
     assert not capture._owner_alive(244, str(tmp_path))
     assert not capture._owner_alive(245, str(tmp_path))
+
+
+def test_records_wait_in_order_for_their_module_files_at_most_file_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(capture, "FILE_WAIT", 0.2)
+    slow: Future[FileFacts] = Future()
+    quick: Future[FileFacts] = Future()
+    quick.set_result(FileFacts(sha256="ab", size=2))
+    base = fixture_records()[0]
+
+    def rec(n: int, future: Future[FileFacts] | None) -> dict[str, Any]:
+        r = {**base, "tid": n}
+        if future is not None:
+            r["_pending"] = Pending(n, n, future)
+        return r
+
+    def source() -> Iterator[dict[str, Any] | None]:
+        yield rec(1, slow)
+        yield rec(2, quick)
+        yield rec(3, None)
+        yield None
+
+    cap = Capture(Options())
+    started = time.monotonic()
+    out = list(cap._delivered(source()))
+    assert 0.2 <= time.monotonic() - started < 5
+    assert [(r["tid"], r["sha256"]) for r in out] == [(1, None), (2, "ab"), (3, None)]
+    assert out[0]["reasons"] == {"sha256": "still being read after 0.2 s"}
+    assert all("_pending" not in r for r in out)
+    assert slow.cancelled()
+
+
+def test_module_file_facts_travel_in_a_saved_trace(tmp_path: Path) -> None:
+    facts = FileFacts(sha256="ab" * 32, size=9, hash_source="fd", signed=False, in_tree=False)
+    trace = tmp_path / "t.trace"
+    with open(trace, "w", encoding="utf-8") as stream:
+        stream.write(kt.TRACE_FIXTURE.read_text())
+        stream.write(
+            f"#mw-file-{kt.GROUP} "
+            + json.dumps({"tid": 244, "ts_us": 248_977_428, **facts._asdict()})
+            + "\n"
+        )
+    records, _ = replay(trace)
+    load = records[0]
+    assert (load["sha256"], load["size"], load["hash_source"], load["signed"]) == (
+        "ab" * 32,
+        9,
+        "fd",
+        False,
+    )
+    assert all(r.get("sha256") is None for r in records[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from concurrent.futures import Future
 
 import pytest
 from hypothesis import given, settings
@@ -10,9 +11,13 @@ from hypothesis import strategies as st
 
 from modwatch import correlate
 from modwatch.correlate import RECORD_KEYS, Caller, Correlator, Record, TraceClock
+from modwatch.modfile import FILE_KEYS, FileFacts
 from modwatch.parser import Event, Lost
 
 OFFSET_US = 1_795_896_899_778_149  # the fixture's clock offset
+# A record's keys when /proc was not asked, and when no module file was read.
+NOTHING_FROM_PROC = {**dict.fromkeys(correlate.CALLER_KEYS), "proc_gone": None, "reasons": None}
+NO_FILE_READ = dict.fromkeys(FILE_KEYS)
 CLOCK = TraceClock(OFFSET_US)
 
 
@@ -34,10 +39,18 @@ class FakeEnricher:
     def __init__(self, answers: dict[int, Caller] | None = None) -> None:
         self.answers = answers or {}
         self.asked: list[tuple[int, int, int | None]] = []
+        self.files: list[tuple[int, int, int | None, int, str | None, int]] = []
+        self.file_jobs: dict[int, Future[FileFacts]] = {}
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         self.asked.append((tid, ts_us, fd))
         return self.answers.get(tid, Caller(None, None, None))
+
+    def module_file(
+        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
+    ) -> Future[FileFacts] | None:
+        self.files.append((tid, ts_us, pid, fd, path, wall_ns))
+        return self.file_jobs.get(tid)
 
 
 def feed(correlator: Correlator, events: list[Event]) -> list[Record]:
@@ -77,6 +90,7 @@ def test_successful_load() -> None:
             "module": "mwtest",
             "path": "/lib/modules/mwtest.ko",
             "path_source": "proc",
+            **NO_FILE_READ,
             "params": 'note=hello "q" world',
             "flags": [],
             "flags_raw": 0,
@@ -91,6 +105,7 @@ def test_successful_load() -> None:
             "tid": 244,
             "uid": 0,
             "comm": "insmod",
+            **NOTHING_FROM_PROC,
             "escaped": None,
         }
     ]
@@ -223,6 +238,7 @@ def test_delete_module_ok() -> None:
             "module": "mwtest",
             "path": None,
             "path_source": None,
+            **NO_FILE_READ,
             "params": None,
             "flags": ["O_NONBLOCK"],
             "flags_raw": 0x800,
@@ -237,6 +253,7 @@ def test_delete_module_ok() -> None:
             "tid": 246,
             "uid": 0,
             "comm": "rmmod",
+            **NOTHING_FROM_PROC,
             "escaped": None,
         }
     ]
@@ -347,6 +364,7 @@ def test_return_without_entry() -> None:
             "module": None,
             "path": None,
             "path_source": None,
+            **NO_FILE_READ,
             "params": None,
             "flags": None,
             "flags_raw": None,
@@ -361,6 +379,7 @@ def test_return_without_entry() -> None:
             "tid": 290,
             "uid": None,
             "comm": None,
+            **NOTHING_FROM_PROC,
             "escaped": None,
         }
     ]
@@ -736,3 +755,80 @@ def test_parameters_as_long_as_a_probe_fetches_may_be_cut(
     records = feed(Correlator(CLOCK), events)
     assert len(records[0]["params"].encode()) == length
     assert records[0]["incomplete"] == incomplete
+
+
+# -- the caller's facts ------------------------------------------------------------------
+
+
+def test_caller_facts_from_proc_with_the_euid_of_the_kernel() -> None:
+    facts = Caller(
+        244,
+        1000,
+        None,
+        ppid=240,
+        euid=1000,
+        loginuid=1000,
+        exe="/usr/sbin/insmod",
+        cmdline=["insmod", "x.ko"],
+        cgroup="/user.slice",
+        ancestry=[{"pid": 240, "name": "sh"}, {"pid": 1, "name": "init"}],
+        gone=False,
+        reasons={"container": "never said"},
+    )
+    correlator = Correlator(CLOCK, FakeEnricher({244: facts}))
+    events = load_events()
+    events.insert(1, ev("caller_cred", 244, 248_977_430, cap=16, uid=1000, euid=0))
+    rec = feed(correlator, events)[0]
+    assert {k: rec[k] for k in (*correlate.CALLER_KEYS, "uid", "proc_gone", "reasons")} == {
+        "ppid": 240,
+        "euid": 0,  # the permission check's, not /proc's
+        "loginuid": 1000,
+        "exe": "/usr/sbin/insmod",
+        "cmdline": ["insmod", "x.ko"],
+        "cgroup": "/user.slice",
+        "container": None,
+        "ancestry": [{"pid": 240, "name": "sh"}, {"pid": 1, "name": "init"}],
+        "uid": 1000,
+        "proc_gone": False,
+        "reasons": {"container": "never said"},
+    }
+
+
+def test_a_caller_gone_has_the_kernels_facts_and_a_reason_for_every_other() -> None:
+    correlator = Correlator(CLOCK, FakeEnricher({244: Caller(None, None, None, gone=True)}))
+    events = load_events()
+    events.insert(1, ev("caller_cred", 244, 248_977_430, cap=16, uid=0, euid=0))
+    rec = feed(correlator, events)[0]
+    assert (rec["uid"], rec["euid"], rec["proc_gone"]) == (0, 0, True)
+    assert rec["reasons"] == {
+        key: correlate.GONE
+        for key in ("ppid", "loginuid", "exe", "cmdline", "cgroup", "container", "ancestry")
+    }
+
+
+# -- the module file ----------------------------------------------------------------------
+
+
+def test_the_module_file_is_read_only_once_the_permission_check_passed() -> None:
+    enricher = FakeEnricher({244: Caller(244, 0, "/m.ko")})
+    job: Future[FileFacts] = Future()
+    enricher.file_jobs[244] = job
+    correlator = Correlator(CLOCK, enricher)
+    records = feed(correlator, load_events())
+    wall_ns = (248_977_428 + OFFSET_US) * 1000
+    assert enricher.files == [(244, 248_977_428, 244, 3, "/m.ko", wall_ns)]
+    assert records[0]["_pending"] == correlate.Pending(244, 248_977_428, job)
+    # Refused at the permission check: nothing is read.
+    refused = [finit(245, 1), ev("finit_module_ret", 245, 2, ret=-1)]
+    assert "_pending" not in feed(correlator, refused)[0]
+    assert len(enricher.files) == 1
+
+
+def test_apply_file_facts_merges_reasons() -> None:
+    rec = feed(Correlator(CLOCK), load_events())[0]
+    rec["reasons"] = {"exe": "gone"}
+    correlate.apply_file_facts(
+        rec, FileFacts(sha256="ab", size=2, hash_source="fd", reasons={"vermagic": "none"})
+    )
+    assert (rec["sha256"], rec["size"], rec["hash_source"]) == ("ab", 2, "fd")
+    assert rec["reasons"] == {"exe": "gone", "vermagic": "none"}

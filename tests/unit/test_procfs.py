@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,17 +27,57 @@ STATUS = (
 )
 
 
+CONTAINER = "4f" * 32
+
+
+def status(name: str, tgid: int, pid: int, ppid: int, uid: str = "1000\t0\t0\t0") -> str:
+    return (
+        STATUS.replace("insmod", name)
+        .replace("Tgid:\t1200", f"Tgid:\t{tgid}")
+        .replace("Pid:\t1234", f"Pid:\t{pid}")
+        .replace("PPid:\t1100", f"PPid:\t{ppid}")
+        .replace("Uid:\t1000\t0\t0\t0", f"Uid:\t{uid}")
+    )
+
+
 @pytest.fixture
 def proc(tmp_path: Path) -> str:
-    """Thread 1234 of process 1200, which has fd 3 open on a module file."""
+    """Thread 1234 of process 1200 (insmod, in a container), which has fd 3 open on a
+    module file; its parent 1100 (bash) is a child of pid 1 (init)."""
     root = tmp_path / "proc"
     (root / "1234").mkdir(parents=True)
     (root / "1234" / "status").write_text(STATUS)
-    (root / "1200" / "fd").mkdir(parents=True)
-    (root / "1200" / "status").write_text(STATUS.replace("Pid:\t1234", "Pid:\t1200"))
-    os.symlink("/lib/modules/6.1.0/extra/mwtest.ko", root / "1200" / "fd" / "3")
-    os.symlink("/home/u/my module\n.ko (deleted)", root / "1200" / "fd" / "4")
+    p = root / "1200"
+    (p / "fd").mkdir(parents=True)
+    (p / "status").write_text(status("insmod", 1200, 1200, 1100))
+    os.symlink("/lib/modules/6.1.0/extra/mwtest.ko", p / "fd" / "3")
+    os.symlink("/home/u/my module\n.ko (deleted)", p / "fd" / "4")
+    os.symlink("/usr/sbin/insmod", p / "exe")
+    (p / "loginuid").write_text("1000")
+    (p / "cmdline").write_bytes(b"insmod\0/x y.ko\0note=a b\0")
+    (p / "cgroup").write_text(f"0::/system.slice/docker-{CONTAINER}.scope\n")
+    for pid, name, ppid in ((1100, "bash", 1), (1, "init", 0)):
+        (root / str(pid)).mkdir()
+        (root / str(pid) / "status").write_text(status(name, pid, pid, ppid, "0\t0\t0\t0"))
     return str(root)
+
+
+def caller_1200(**changes: Any) -> Caller:
+    facts = Caller(
+        1200,
+        1000,
+        "/lib/modules/6.1.0/extra/mwtest.ko",
+        ppid=1100,
+        euid=0,
+        loginuid=1000,
+        exe="/usr/sbin/insmod",
+        cmdline=["insmod", "/x y.ko", "note=a b"],
+        cgroup=f"/system.slice/docker-{CONTAINER}.scope",
+        container=CONTAINER,
+        ancestry=[{"pid": 1100, "name": "bash"}, {"pid": 1, "name": "init"}],
+        gone=False,
+    )
+    return facts._replace(**changes)
 
 
 def test_read_status(proc: str) -> None:
@@ -71,25 +112,71 @@ def test_fd_path_gone_is_none(proc: str, pid: int, fd: int) -> None:
 
 def test_caller_reads_the_fd_of_the_process_not_the_thread(proc: str) -> None:
     # Real uid (first of four): 1000, though the effective uid is 0.
-    assert procfs.caller(1234, 3, proc) == Caller(1200, 1000, "/lib/modules/6.1.0/extra/mwtest.ko")
+    assert procfs.caller(1234, 3, proc) == caller_1200()
 
 
 def test_caller_without_fd(proc: str) -> None:
-    assert procfs.caller(1234, None, proc) == Caller(1200, 1000, None)
+    assert procfs.caller(1234, None, proc) == caller_1200(path=None)
 
 
 def test_caller_fd_closed(proc: str) -> None:
-    assert procfs.caller(1234, 5, proc) == Caller(1200, 1000, None)
+    assert procfs.caller(1234, 5, proc) == caller_1200(path=None)
 
 
 def test_caller_thread_gone(proc: str) -> None:
-    assert procfs.caller(4321, 3, proc) == Caller(None, None, None)
+    assert procfs.caller(4321, 3, proc) == Caller(None, None, None, gone=True)
 
 
 def test_caller_whose_status_vanished_still_tries_the_fd_by_tid(tmp_path: Path) -> None:
     (tmp_path / "55" / "fd").mkdir(parents=True)
     os.symlink("/x.ko", tmp_path / "55" / "fd" / "3")
-    assert procfs.caller(55, 3, str(tmp_path)) == Caller(None, None, "/x.ko")
+    assert procfs.caller(55, 3, str(tmp_path)) == Caller(None, None, "/x.ko", gone=True)
+
+
+def test_caller_facts_that_cannot_be_had_say_why(proc: str) -> None:
+    p = Path(proc) / "1200"
+    (p / "loginuid").write_text("4294967295")
+    (p / "exe").unlink()
+    (p / "cmdline").write_bytes(b"")  # a kernel thread, or a zombie
+    (p / "cgroup").write_text("12:cpu,cpuacct:/user.slice\n")  # cgroup v1 only
+    (Path(proc) / "1" / "status").unlink()  # gone while the chain was read
+    assert procfs.caller(1234, 3, proc) == caller_1200(
+        loginuid=None,
+        exe=None,
+        cmdline=[],
+        cgroup=None,
+        container=None,
+        ancestry=[{"pid": 1100, "name": "bash"}],
+        reasons={
+            "loginuid": "unset: not from a login session",
+            "exe": "No such file or directory",
+            "cgroup": "no unified (cgroup v2) hierarchy",
+        },
+    )
+
+
+def test_ancestry_stops_at_a_cycle(proc: str) -> None:
+    (Path(proc) / "1" / "status").write_text(status("init", 1, 1, 1100))
+    assert procfs.ancestry(1100, proc) == [
+        {"pid": 1100, "name": "bash"},
+        {"pid": 1, "name": "init"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "container"),
+    [
+        (f"/system.slice/docker-{CONTAINER}.scope", CONTAINER),
+        (f"/docker/{CONTAINER}", CONTAINER),
+        (f"/kubepods.slice/kubepods-pod1.slice/cri-containerd-{CONTAINER}.scope", CONTAINER),
+        (f"/machine.slice/libpod-{CONTAINER}.scope/container", CONTAINER),
+        ("/user.slice/user-1000.slice/session-3.scope", None),
+        (f"/x/{CONTAINER[:-1]}", None),  # 63 digits
+        ("/", None),
+    ],
+)
+def test_container_id(cgroup: str, container: str | None) -> None:
+    assert procfs.container_id(cgroup) == container
 
 
 def test_proc_enricher_records_what_it_read(proc: str) -> None:
@@ -98,10 +185,10 @@ def test_proc_enricher_records_what_it_read(proc: str) -> None:
         proc, record=lambda tid, ts, facts: seen.append((tid, ts, facts))
     )
     facts = enricher.caller(1234, 248_977_428, 3)
-    assert facts == Caller(1200, 1000, "/lib/modules/6.1.0/extra/mwtest.ko")
+    assert facts == caller_1200()
     assert seen == [(1234, 248_977_428, facts)]
-    assert enricher.caller(1, 5, None) == Caller(None, None, None)
-    assert seen[-1] == (1, 5, Caller(None, None, None))
+    assert enricher.caller(77, 5, None) == Caller(None, None, None, gone=True)
+    assert seen[-1] == (77, 5, Caller(None, None, None, gone=True))
 
 
 @pytest.mark.parametrize(
