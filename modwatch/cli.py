@@ -16,7 +16,14 @@ import typer
 
 from modwatch import __version__, capture, doctor, events
 from modwatch.errors import EXIT_STATUS_HELP, ExitStatus, ModwatchError
-from modwatch.output import JsonlWriter, TableWriter, Writer, printable
+from modwatch.output import (
+    COLUMNS,
+    DEFAULT_COLUMNS,
+    JsonlWriter,
+    TableWriter,
+    Writer,
+    printable,
+)
 from modwatch.probes import new_group
 
 _STATUS_TABLE = "\n\n".join(f"{int(s)}: {text}" for s, text in EXIT_STATUS_HELP.items())
@@ -40,7 +47,30 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _open_output(path: Path | None, fmt: Format | None) -> tuple[Writer, IO[bytes] | None]:
+def _table_columns(columns: str | None, print_uid: bool) -> tuple[str, ...]:
+    """The table's columns: --columns as given, else the default ones, with UID after
+    PID for -U."""
+    if columns is None:
+        chosen = list(DEFAULT_COLUMNS)
+        if print_uid:
+            chosen.insert(chosen.index("pid") + 1, "uid")
+        return tuple(chosen)
+    chosen = [c.strip() for c in columns.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in COLUMNS]
+    if unknown or not chosen:
+        raise ModwatchError(
+            f"modwatch: unknown column {', '.join(unknown) or '(none given)'}: "
+            f"choose from {', '.join(COLUMNS)}",
+            ExitStatus.USAGE,
+        )
+    if print_uid and "uid" not in chosen:
+        chosen.insert(chosen.index("pid") + 1 if "pid" in chosen else 0, "uid")
+    return tuple(chosen)
+
+
+def _open_output(
+    path: Path | None, fmt: Format | None, columns: tuple[str, ...] = DEFAULT_COLUMNS
+) -> tuple[Writer, IO[bytes] | None]:
     try:
         stream = open(path, "wb") if path is not None else None  # noqa: SIM115
     except OSError as err:
@@ -52,7 +82,7 @@ def _open_output(path: Path | None, fmt: Format | None) -> tuple[Writer, IO[byte
         fmt = Format.table if stream is None and sys.stdout.isatty() else Format.jsonl
     if fmt is Format.table:
         text = open(stream.fileno(), "w", closefd=False) if stream else sys.stdout  # noqa: SIM115
-        return TableWriter(text), stream
+        return TableWriter(text, columns=columns), stream
     return JsonlWriter(stream if stream else sys.stdout.buffer), stream
 
 
@@ -86,6 +116,18 @@ def capture_command(
             help="jsonl (one JSON object per line) or table; default: table on a terminal, "
             "jsonl otherwise.",
             show_default=False,
+        ),
+    ] = None,
+    print_uid: Annotated[
+        bool, typer.Option("-U", "--print-uid", help="Table: a UID column after PID.")
+    ] = False,
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            "--columns",
+            help="Table: the columns, comma-separated, from: " + ", ".join(COLUMNS) + ". "
+            "PATH comes last. JSON Lines always has every field.",
+            metavar="LIST",
         ),
     ] = None,
     pid: Annotated[
@@ -168,7 +210,7 @@ def capture_command(
             raise ModwatchError(
                 f"modwatch: cannot write {save_trace}: {err.strerror}", ExitStatus.OUTPUT_ERROR
             ) from err
-    writer, stream = _open_output(output, fmt)
+    writer, stream = _open_output(output, fmt, _table_columns(columns, print_uid))
     options = capture.Options(
         duration=duration,
         count=count,

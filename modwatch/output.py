@@ -8,11 +8,13 @@ import io
 import os
 import re
 import stat
-from typing import IO, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NamedTuple, Protocol
 
 import orjson
 
 from modwatch.correlate import Record
+from modwatch.decode import MODULE_TAINTS, errno_message
 
 
 def escape(text: str) -> str:
@@ -146,18 +148,72 @@ def result_text(record: Record) -> str:
     return err
 
 
-_COLUMNS = (("TIME", 15), ("PID", 7), ("COMM", 15), ("CALL", 6), ("MODULE", 15), ("RESULT", 12))
-_PARAMS = 14
+# Table columns: a header, a width, and the cell of a record. The path, when chosen,
+# comes last and takes what room is left.
+class Column(NamedTuple):
+    head: str
+    width: int
+    cell: Callable[[Record], object]
+
+
+def _pid(record: Record) -> object:
+    return record["pid"] if record["pid"] is not None else record["tid"]
+
+
+def _sha(record: Record) -> object:
+    return record["sha256"][:16] if record["sha256"] else None
+
+
+def _hex(value: int | None) -> str | None:
+    return None if value is None else hex(value)
+
+
+def _yes_no(value: bool | None) -> str | None:
+    return None if value is None else "yes" if value else "no"
+
+
+COLUMNS: dict[str, Column] = {
+    "time": Column("TIME", 15, lambda r: r["time"]),  # formatted by the writer
+    "pid": Column("PID", 7, _pid),
+    "tid": Column("TID", 7, lambda r: r["tid"]),
+    "ppid": Column("PPID", 7, lambda r: r["ppid"]),
+    "uid": Column("UID", 6, lambda r: r["uid"]),
+    "euid": Column("EUID", 6, lambda r: r["euid"]),
+    "loginuid": Column("LOGINUID", 8, lambda r: r["loginuid"]),
+    "comm": Column("COMM", 15, lambda r: r["comm"]),
+    "exe": Column("EXE", 24, lambda r: r["exe"]),
+    "call": Column("CALL", 6, lambda r: r["syscall"].replace("_module", "")),
+    "module": Column("MODULE", 15, lambda r: r["module"]),
+    "result": Column("RESULT", 12, lambda r: result_text(r)),
+    "stage": Column("STAGE", 10, lambda r: r["stage"]),
+    "params": Column("PARAMS", 14, lambda r: r["params"]),
+    "flags": Column("FLAGS", 8, lambda r: _hex(r["flags_raw"])),
+    "taints": Column("TAINTS", 6, lambda r: "".join(r["taints"]) if r["taints"] else None),
+    "signed": Column("SIGNED", 6, lambda r: _yes_no(r["signed"])),
+    "in_tree": Column("IN_TREE", 7, lambda r: _yes_no(r["in_tree"])),
+    "sha256": Column("SHA256", 16, _sha),
+    "cgroup": Column("CGROUP", 24, lambda r: r["cgroup"]),
+    "container": Column("CONTAINER", 12, lambda r: r["container"]),
+    "path": Column("PATH", 0, lambda r: r["path"]),
+}
+DEFAULT_COLUMNS = ("time", "pid", "comm", "call", "module", "result", "params", "path")
 
 
 class TableWriter:
-    """Fixed columns, under 100 characters before the path, which comes last."""
+    """Fixed columns (DEFAULT_COLUMNS: under 100 characters before the path, which comes
+    last). Under a failed or tainting record, a line says what its errno and taint
+    letters mean."""
 
-    def __init__(self, stream: IO[str], utc: bool = False) -> None:
+    def __init__(
+        self, stream: IO[str], utc: bool = False, columns: Sequence[str] = DEFAULT_COLUMNS
+    ) -> None:
         self.stream = stream
         self.utc = utc
-        heads = [name.ljust(width) for name, width in _COLUMNS]
-        self.stream.write(" ".join([*heads, "PARAMS".ljust(_PARAMS), "PATH"]) + "\n")
+        names = [c for c in columns if c != "path"]
+        self.columns = [COLUMNS[c] for c in names]
+        self.path = "path" in columns
+        heads = [c.head.ljust(c.width) for c in self.columns]
+        self.stream.write(" ".join([*heads, "PATH"] if self.path else heads).rstrip() + "\n")
         self.stream.flush()
 
     def _time(self, iso: str | None) -> str:
@@ -169,29 +225,45 @@ class TableWriter:
     def write(self, record: Record) -> None:
         if record["type"] == "lost":
             when = self._time(record["time"])
-            line = f"{when:15} LOST {record['count']} events on CPU {record['cpu']}"
+            line = printable(f"{when:15} LOST {record['count']} events on CPU {record['cpu']}")
         elif record["type"] == "event":
             args = " ".join(f"{k}={v}" for k, v in record["args"].items())
-            line = f"{self._time(record['time']):15} {record['tid']:<7} {record['event']} {args}"
+            when = self._time(record["time"])
+            line = printable(f"{when:15} {record['tid']:<7} {record['event']} {args}")
         else:
-            call = record["syscall"].replace("_module", "")
-            cells = [
-                self._time(record["time"]),
-                str(record["pid"] if record["pid"] is not None else record["tid"]),
-                record["comm"] or "-",
-                call,
-                record["module"] or "-",
-                result_text(record),
-                record["params"] if record["params"] is not None else "-",
-            ]
-            widths = [w for _, w in _COLUMNS] + [_PARAMS]
-            line = " ".join(
-                _clip(printable(c), w).ljust(w) for c, w in zip(cells, widths, strict=True)
-            )
-            line += " " + printable(record["path"] or "-")
-        self.stream.write(printable(line) if record["type"] in ("lost", "event") else line)
-        self.stream.write("\n")
+            cells = []
+            for column in self.columns:
+                value = column.cell(record)
+                if column.head == "TIME":
+                    text = self._time(value if isinstance(value, str) else None)
+                else:
+                    text = _text(value)
+                cells.append(_clip(printable(text), column.width).ljust(column.width))
+            if self.path:
+                cells.append(printable(record["path"] or "-"))
+            line = " ".join(cells).rstrip()
+            details = _details(record)
+            if details:
+                line += "\n    " + printable(details)
+        self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         self.stream.flush()
+
+
+def _text(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _details(record: Record) -> str:
+    """What a record's errno and taint letters mean, for people."""
+    parts = []
+    message = errno_message(record["ret"])
+    if message is not None:
+        stage = f", stage {record['stage']}" if record["stage"] else ""
+        parts.append(f"{record['errno'] or record['ret']}: {message}{stage}")
+    if record["taints"]:
+        meanings = [f"{t} {MODULE_TAINTS.get(t, 'unknown taint')}" for t in record["taints"]]
+        parts.append("taints " + ", ".join(meanings))
+    return "; ".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from modwatch import btf, capture, cli, tracefs
+from modwatch import btf, capture, cli, output, tracefs
 from modwatch.cli import app
 from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.probes import ARCHES
@@ -224,24 +225,55 @@ def test_replay_prints_the_fixture_records_as_jsonl() -> None:
     assert result.stderr == ""
 
 
+def table_of_the_fixture(columns: tuple[str, ...] = output.DEFAULT_COLUMNS) -> str:
+    """What TableWriter makes of the fixture's records (tests/unit/test_output.py checks
+    that text itself)."""
+    stream = io.StringIO()
+    writer = output.TableWriter(stream, columns=columns)
+    for line in JSONL.splitlines():
+        writer.write(json.loads(line))
+    return stream.getvalue()
+
+
 def test_replay_as_a_table(utc: None) -> None:
     result = run("capture", "--replay", FIXTURE, "--format", "table")
     assert result.exit_code == 0
     assert result.stderr == ""
-    assert result.stdout == (
-        "TIME            PID     COMM            CALL   MODULE          RESULT       "
-        "PARAMS         PATH\n"
-        "20:19:08.755577 244     insmod          finit  mwtest          ok           "
-        'note=hello "q~ /run/modwatch-testbed/modules/mwtest.ko\n'
-        "20:19:10.276722 245     insmod          finit  mwtest          EEXIST       "
-        "-              /run/modwatch-testbed/modules/mwtest.ko\n"
-        "20:19:10.963213 246     rmmod           delete mwtest          ok           "
-        "-              -\n"
-        "20:19:11.863429 247     insmod          finit  mwtest          EINVAL init  "
-        "fail=22        /run/modwatch-testbed/modules/mwtest.ko\n"
-        "20:19:16.756423 250     insmod          finit  -               EPERM        "
-        "-              -\n"
+    assert result.stdout == table_of_the_fixture()
+
+
+@pytest.mark.parametrize(
+    ("options", "columns"),
+    [
+        (["-U"], ("time", "pid", "uid", "comm", "call", "module", "result", "params", "path")),
+        (["--columns", "module,sha256, signed"], ("module", "sha256", "signed")),
+        (["-U", "--columns", "pid,module"], ("pid", "uid", "module")),
+        (["--print-uid", "--columns", "module"], ("uid", "module")),
+    ],
+)
+def test_table_columns(utc: None, options: list[str], columns: tuple[str, ...]) -> None:
+    result = run("capture", "--replay", FIXTURE, "--format", "table", *options)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == table_of_the_fixture(columns)
+
+
+@pytest.mark.parametrize(("columns", "named"), [("module,nope", "nope"), (",", "(none given)")])
+def test_unknown_table_column_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], columns: str, named: str
+) -> None:
+    status, out, err = run_main(
+        monkeypatch,
+        capsys,
+        "capture",
+        "--replay",
+        FIXTURE,
+        "--format",
+        "table",
+        "--columns",
+        columns,
     )
+    assert (status, out) == (2, "")
+    assert err.startswith(f"modwatch: unknown column {named}: choose from time, pid, tid,")
 
 
 def test_replay_failed_only() -> None:

@@ -110,15 +110,34 @@ def test_table_of_the_fixture() -> None:
     assert table(*fixture_records()) == HEADER + (
         "20:19:08.755577 244     insmod          finit  mwtest          ok           "
         'note=hello "q~ /run/modwatch-testbed/modules/mwtest.ko\n'
+        "    taints O out-of-tree module, E unsigned module\n"
         "20:19:10.276722 245     insmod          finit  mwtest          EEXIST       "
         "-              /run/modwatch-testbed/modules/mwtest.ko\n"
+        "    EEXIST: File exists, stage load\n"
         "20:19:10.963213 246     rmmod           delete mwtest          ok           "
         "-              -\n"
         "20:19:11.863429 247     insmod          finit  mwtest          EINVAL init  "
         "fail=22        /run/modwatch-testbed/modules/mwtest.ko\n"
+        "    EINVAL: Invalid argument, stage init; taints O out-of-tree module, E unsigned module\n"
         "20:19:16.756423 250     insmod          finit  -               EPERM        "
         "-              -\n"
+        "    EPERM: Operation not permitted, stage permission\n"
     )
+
+
+def test_table_columns_chosen() -> None:
+    stream = io.StringIO()
+    writer = TableWriter(
+        stream, utc=True, columns=("pid", "uid", "euid", "module", "signed", "sha256")
+    )
+    writer.write(record(uid=1000, euid=0, signed=True, sha256="ab" * 32, taints=[]))
+    writer.write(record(uid=None, euid=None, signed=False, sha256=None, taints=["X"]))
+    assert stream.getvalue().splitlines() == [
+        "PID     UID    EUID   MODULE          SIGNED SHA256",
+        "244     1000   0      mwtest          yes    abababababababab",
+        "244     -      -      mwtest          no     -",
+        "    taints X unknown taint",
+    ]
 
 
 def test_table_header_alone() -> None:
@@ -157,7 +176,7 @@ def test_table_escapes_control_characters() -> None:
         )
     )
     lines = text.split("\n")
-    assert len(lines) == 3 and lines[2] == ""
+    assert len(lines) == 4 and lines[3] == ""  # header, row, its taints, end
     row = lines[1]
     assert "\x1b" not in row and "\r" not in row and "\t" not in row and "\x07" not in row
     assert "a\\nb\\x1b[2J" in row
