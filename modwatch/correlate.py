@@ -83,6 +83,7 @@ class Caller(NamedTuple):
     pid: int | None
     uid: int | None
     path: str | None  # the module file, from the caller's fd (finit_module)
+    path_ino: int | None = None  # its inode number then
     ppid: int | None = None
     euid: int | None = None
     loginuid: int | None = None  # None also when unset (4294967295)
@@ -103,12 +104,24 @@ GONE = "the process had exited when /proc was read"
 FileJob = Future[FileFacts]
 
 
+class FileRequest(NamedTuple):
+    """A finit_module call's file to read: the call (tid, ts_us), its caller's pid and
+    fd, the path known so far, the load's wall time, and the inode number the kernel
+    read (where known), to recognise that file by."""
+
+    tid: int
+    ts_us: int
+    pid: int | None
+    fd: int
+    path: str | None
+    wall_ns: int
+    ino: int | None
+
+
 class Enricher(Protocol):
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller: ...
 
-    def module_file(
-        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
-    ) -> FileJob | None:
+    def module_file(self, request: FileRequest) -> FileJob | None:
         """Start reading the file a finit_module call loads, once it has passed the
         permission check (so no unprivileged caller can make modwatch read files)."""
         ...
@@ -118,9 +131,7 @@ class NoEnrichment:
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         return NO_CALLER
 
-    def module_file(
-        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
-    ) -> FileJob | None:
+    def module_file(self, request: FileRequest) -> FileJob | None:
         return None
 
 
@@ -276,10 +287,11 @@ class Correlator:
         else:
             self.unmatched += 1
         if op.passed_permission and op.file_job is None and op.fd is not None:
-            path, _ = filepath.choose(op.kernel_path, op.caller.path)
+            path, _ = filepath.choose(op.kernel_path, op.caller.path, op.caller.path_ino)
             wall_ns = (op.ts_us + self.clock.offset_us) * 1000
-            pid = op.caller.pid
-            op.file_job = self.enricher.module_file(op.tid, op.ts_us, pid, op.fd, path, wall_ns)
+            ino = op.kernel_path.ino if op.kernel_path is not None else None
+            request = FileRequest(op.tid, op.ts_us, op.caller.pid, op.fd, path, wall_ns, ino)
+            op.file_job = self.enricher.module_file(request)
         return []
 
     def lost(self, lost: Lost) -> Record:
@@ -360,7 +372,7 @@ class Correlator:
         elif incomplete is None and self.params_probe and op.past_params and not op.params_seen:
             incomplete = PARAMS_LOST
         table = UNLOAD_FLAGS if op.syscall == "delete_module" else LOAD_FLAGS
-        path, path_source = filepath.choose(op.kernel_path, op.caller.path)
+        path, path_source = filepath.choose(op.kernel_path, op.caller.path, op.caller.path_ino)
         record = {
             "v": SCHEMA_VERSION,
             "type": "unload" if op.syscall == "delete_module" else "load",

@@ -137,6 +137,7 @@ CATALOGUE: tuple[RawEvent, ...] = (
                 "the names along the chain (a rename may race the read)",
             ),
             Arg("hash", "pointer", ("K",), "d_hash.pprev of the file's dentry: 0 once unlinked"),
+            Arg("ino", "u64", ("K", "OPT"), "the file's inode number (with BTF)"),
         ),
         "finit_module's file is read, after the permission check: its path (OPT)",
     ),

@@ -17,6 +17,7 @@ What one event carries, for mount m = 0 (the file's own) and the mounts above it
 - `p{m}` (m >= 1): the mount above mount m-1; a mount whose parent is itself (`p{m+1}
   == p{m}`) is the top of the tree.
 - `hash`: `d_hash.pprev` of the file's dentry, 0 once the file was unlinked.
+- `ino`: the file's inode number (where BTF has it), to recognise the loaded file later.
 
 The kernel accepts a fetch-arg of at most 63 characters (MAX_ARGSTR_LEN), and each
 level of the chain adds one dereference to the text: a mount shows as many names as fit
@@ -53,6 +54,9 @@ MEMBERS = (
     "mount.mnt_parent",
     "mount.mnt_mountpoint",
 )
+# The file's inode number, to tell the loaded file from another one that later takes its
+# fd number or its path (optional: the path is fetched without it).
+INODE_MEMBERS = ("dentry.d_inode", "inode.i_ino")
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,9 @@ def fetch_args(file_reg: str, offset: Callable[[str], int | None]) -> tuple[File
         *(_deref(off["mount.mnt_mountpoint"], p) for p in mounts[: MOUNTS - 2]),
     ]
     args = [FileArg("hash", _deref(off["dentry.d_hash.pprev"], starts[0]), "x64")]
+    d_inode, i_ino = (offset(member) for member in INODE_MEMBERS)
+    if d_inode is not None and i_ino is not None:
+        args.append(FileArg("ino", _deref(i_ino, _deref(d_inode, starts[0])), "u64"))
     lengths: list[FileArg] = []
     names: list[FileArg] = []
     for m in range(MOUNTS):
@@ -126,6 +133,7 @@ class KernelPath(NamedTuple):
     names: tuple[str, ...]  # components, top first
     complete: bool  # False: the top lies beyond the levels fetched
     deleted: bool
+    ino: int | None = None  # the file's inode number, where the kernel's BTF gave it
 
     def text(self) -> str:
         path = "/" + "/".join(self.names)
@@ -136,13 +144,15 @@ def rebuild(fields: Mapping[str, int | str | None]) -> KernelPath | None:
     """The path from one file event's fields; None if a name could not be read."""
     parts: list[str] = []  # leaf first
     complete = False
+    ino = fields.get("ino")
+    ino = ino if isinstance(ino, int) else None
     for m in range(MOUNTS):
         root = fields.get(f"r{m}")
         k = 0
         while fields.get(f"d{m}_{k}") != root:
             name = fields.get(f"n{m}_{k}")
             if f"n{m}_{k}" not in fields:  # beyond the names fetched
-                return KernelPath(tuple(reversed(parts)), False, fields.get("hash") == 0)
+                return KernelPath(tuple(reversed(parts)), False, fields.get("hash") == 0, ino)
             if not isinstance(name, str):
                 return None
             parts.append(name)
@@ -150,18 +160,25 @@ def rebuild(fields: Mapping[str, int | str | None]) -> KernelPath | None:
         if m and fields.get(f"p{m + 1}") == fields.get(f"p{m}"):
             complete = True
             break
-    return KernelPath(tuple(reversed(parts)), complete, fields.get("hash") == 0 and bool(parts))
+    deleted = fields.get("hash") == 0 and bool(parts)
+    return KernelPath(tuple(reversed(parts)), complete, deleted, ino)
 
 
-def choose(kernel: KernelPath | None, proc: str | None) -> tuple[str | None, str | None]:
+def choose(
+    kernel: KernelPath | None, proc: str | None, proc_ino: int | None = None
+) -> tuple[str | None, str | None]:
     """The path to report and where it came from (`kernel`, `proc` or None).
 
-    The kernel's path is race-free; /proc's is read after the event and may be gone. A
-    path the kernel could only give in part is completed from /proc when /proc's path
-    ends with every name the kernel gave, else reported truncated.
+    The kernel's path is race-free; /proc's is read after the event and may be gone, or
+    name another file by then (the loader's fd number reused): it is not used when its
+    inode is not the one the kernel read. A path the kernel could only give in part is
+    completed from /proc when /proc's path ends with every name the kernel gave, else
+    reported truncated.
     """
     if kernel is not None and kernel.complete:
         return kernel.text(), "kernel"
+    if kernel is not None and None not in (kernel.ino, proc_ino) and kernel.ino != proc_ino:
+        proc = None
     if proc is not None and (kernel is None or _ends_with(proc, kernel)):
         return proc, "proc"
     if kernel is not None:

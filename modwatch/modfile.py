@@ -148,7 +148,7 @@ def inspect(data: bytes) -> FileFacts:
     )
 
 
-def read_fd(fd: int, load_wall_ns: int | None = None) -> FileFacts:
+def read_fd(fd: int, load_wall_ns: int | None = None, ino: int | None = None) -> FileFacts:
     """Facts of the file open as `fd` (closed here), read from its start."""
     try:
         with os.fdopen(fd, "rb") as f:
@@ -157,21 +157,35 @@ def read_fd(fd: int, load_wall_ns: int | None = None) -> FileFacts:
             data = f.read()
     except OSError as err:
         return FileFacts(reasons={"sha256": f"reading the loader's file: {err.strerror}"})
-    return inspect(data)._replace(hash_source="fd", stale=_stale(stat, load_wall_ns))
+    return inspect(data)._replace(hash_source="fd", stale=_stale(stat, load_wall_ns, ino))
 
 
-def read_path(path: str, load_wall_ns: int | None = None) -> FileFacts:
+def read_path(path: str, load_wall_ns: int | None = None, ino: int | None = None) -> FileFacts:
     try:
         with open(path, "rb") as f:
             stat = os.fstat(f.fileno())
             data = f.read()
     except OSError as err:
         return FileFacts(reasons={"sha256": f"reading {path}: {err.strerror}"})
-    return inspect(data)._replace(hash_source="path", stale=_stale(stat, load_wall_ns))
+    facts = inspect(data)._replace(hash_source="path", stale=_stale(stat, load_wall_ns, ino))
+    if ino is not None and stat.st_ino != ino:
+        reasons = {**(facts.reasons or {}), "stale": f"{path} is another file than the one loaded"}
+        facts = facts._replace(reasons=reasons)
+    return facts
 
 
-def _stale(stat: os.stat_result, load_wall_ns: int | None) -> bool | None:
-    """Whether the file was modified after the load (content read now may differ)."""
+def _ino(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
+
+
+def _stale(stat: os.stat_result, load_wall_ns: int | None, ino: int | None) -> bool | None:
+    """Whether what is read now may not be what was loaded: the file was modified after
+    the load, or it is another file (another inode) than the kernel read."""
+    if ino is not None and stat.st_ino != ino:
+        return True
     return None if load_wall_ns is None else stat.st_mtime_ns > load_wall_ns
 
 
@@ -193,8 +207,12 @@ class FileReader:
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
 
-    def start(self, fd: int | None, path: str | None, wall_ns: int) -> Future[FileFacts]:
-        """Read the file open as `fd` (taken over: closed when read), else at `path`."""
+    def start(
+        self, fd: int | None, path: str | None, wall_ns: int, ino: int | None = None
+    ) -> Future[FileFacts]:
+        """Read the file open as `fd` (taken over: closed when read), else at `path`.
+        With `ino`, a file with another inode number is not the one loaded: an fd holding
+        one is not read, and a path naming one is read but marked stale."""
         tree = in_tree(path) if path is not None and path.startswith("/") else None
         if not self.hashing:
             if fd is not None:
@@ -204,18 +222,23 @@ class FileReader:
             )
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="modwatch-file")
-        return self._pool.submit(_read, fd, path, wall_ns, tree)
+        return self._pool.submit(_read, fd, path, wall_ns, tree, ino)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _read(fd: int | None, path: str | None, wall_ns: int, tree: bool | None) -> FileFacts:
+def _read(
+    fd: int | None, path: str | None, wall_ns: int, tree: bool | None, ino: int | None
+) -> FileFacts:
+    if fd is not None and ino is not None and _ino(fd) != ino:
+        os.close(fd)  # the loader's fd number holds another file by now
+        fd = None
     if fd is not None:
-        facts = read_fd(fd, wall_ns)
+        facts = read_fd(fd, wall_ns, ino)
     elif path is not None:
-        facts = read_path(path.removesuffix(" (deleted)"), wall_ns)
+        facts = read_path(path.removesuffix(" (deleted)"), wall_ns, ino)
     else:
         facts = FileFacts(
             reasons={"sha256": "the loader's file was closed and its path is unknown"}

@@ -58,11 +58,13 @@ def _escaped(record: Record) -> Record:
         if isinstance(value, str) and _needs_escape(value):
             names.append(name)
             return escape(value)
-        if isinstance(value, list):
+        if isinstance(value, list) and all(not isinstance(v, dict | list) for v in value):
             if any(isinstance(v, str) and _needs_escape(v) for v in value):
                 names.append(name)
                 return [escape(v) if isinstance(v, str) else v for v in value]
             return value
+        if isinstance(value, list):  # of objects: ancestry, an audit's records
+            return [clean(f"{name}.{i}", v) for i, v in enumerate(value)]
         if isinstance(value, dict):
             return {k: clean(f"{name}.{k}", v) for k, v in value.items()}
         return value

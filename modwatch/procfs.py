@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from modwatch.correlate import Caller, InCall
+from modwatch.correlate import Caller, FileRequest, InCall
 from modwatch.modfile import FileFacts, FileReader
 from modwatch.probes import Arch
 
@@ -115,12 +115,22 @@ def ancestry(ppid: int | None, procfs: str = PROCFS_PATH) -> list[dict[str, Any]
     return chain
 
 
+def fd_ino(pid: int, fd: int, procfs: str = PROCFS_PATH) -> int | None:
+    """The inode number of the file behind a process's fd."""
+    try:
+        return os.stat(f"{procfs}/{pid}/fd/{fd}").st_ino
+    except OSError:
+        return None
+
+
 def caller(tid: int, fd: int | None, procfs: str = PROCFS_PATH) -> Caller:
     status = read_status(tid, procfs)
     pid = int(status["Tgid"]) if "Tgid" in status else None
-    path = fd_path(pid if pid is not None else tid, fd, procfs) if fd is not None else None
+    owner = pid if pid is not None else tid
+    path = fd_path(owner, fd, procfs) if fd is not None else None
+    ino = fd_ino(owner, fd, procfs) if fd is not None and path is not None else None
     if not status:
-        return Caller(None, None, path, gone=True)
+        return Caller(None, None, path, path_ino=ino, gone=True)
     # Uid: real, effective, saved, filesystem.
     uids = status.get("Uid", "").split()
     ppid = int(status["PPid"]) if "PPid" in status else None
@@ -164,6 +174,7 @@ def caller(tid: int, fd: int | None, procfs: str = PROCFS_PATH) -> Caller:
         pid,
         int(uids[0]) if uids else None,
         path,
+        path_ino=ino,
         ppid=ppid,
         euid=int(uids[1]) if len(uids) > 1 else None,
         loginuid=loginuid,
@@ -191,18 +202,18 @@ class ProcEnricher:
         self.record = record
         self.files = files or FileReader()
 
-    def module_file(
-        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
-    ) -> Future[FileFacts]:
+    def module_file(self, request: FileRequest) -> Future[FileFacts]:
         """The loader's file, opened again through /proc while its call is in flight (the
-        very file the kernel read), and read in a worker; by its path if that fails."""
+        very file the kernel read), and read in a worker; by its path if that fails, or
+        if the fd holds another file by then (not the inode the kernel read)."""
+        r = request
         try:
             own: int | None = os.open(
-                f"{self.procfs}/{pid or tid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC
+                f"{self.procfs}/{r.pid or r.tid}/fd/{r.fd}", os.O_RDONLY | os.O_CLOEXEC
             )
         except OSError:
             own = None
-        return self.files.start(own, path, wall_ns)
+        return self.files.start(own, r.path, r.wall_ns, r.ino)
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         facts = caller(tid, fd, self.procfs)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import IO
 
-from modwatch.correlate import NO_CALLER, Caller
+from modwatch.correlate import NO_CALLER, Caller, FileRequest
 from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.modfile import FileFacts, done
 from modwatch.probes import ProbeSet, ProbeSpec, Tracepoint
@@ -163,8 +163,6 @@ class SavedTrace:
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         return self.callers.get((tid, ts_us), Caller(None, None, None))
 
-    def module_file(
-        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
-    ) -> Future[FileFacts] | None:
-        facts = self.files.get((tid, ts_us))
+    def module_file(self, request: FileRequest) -> Future[FileFacts] | None:
+        facts = self.files.get((request.tid, request.ts_us))
         return None if facts is None else done(facts)

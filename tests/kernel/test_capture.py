@@ -351,6 +351,14 @@ def wait_for_records(out: Path, count: int) -> list[Record]:
     raise AssertionError(f"{out}: fewer than {count} records after 60 s")
 
 
+# What the kernel told (and the file's content): the same for every session. What /proc
+# gave depends on how soon each session asked.
+KERNEL_KEYS = (
+    *("type", "syscall", "module", "path_source", "params", "flags", "ret"),
+    *("errno", "stage", "incomplete", "init_ret", "taints", "tid", "comm"),
+)
+
+
 def test_sessions_at_once_signals_and_sigkill_leftovers(
     tmp_path: Path, mwload: str, mwtest_ko: Path
 ) -> None:
@@ -375,10 +383,7 @@ def test_sessions_at_once_signals_and_sigkill_leftovers(
         assert "Traceback" not in children[name].rest_of_stderr()
     # Three sessions at once saw the same two operations. What /proc tells depends on
     # how soon each session read it, and each maps the trace clock to wall time itself.
-    kernel_side = [
-        [{k: v for k, v in r.items() if k not in ("path", "uid", "pid", "time")} for r in rs]
-        for rs in got.values()
-    ]
+    kernel_side = [[{k: r[k] for k in KERNEL_KEYS} for r in rs] for rs in got.values()]
     assert kernel_side[0] == kernel_side[1] == kernel_side[2]
     for i in range(2):
         times = [dt.datetime.fromisoformat(rs[i]["time"][:-1]) for rs in got.values()]
@@ -509,7 +514,8 @@ def test_disk_full_keeps_whole_lines_and_tears_down(
 ) -> None:
     full = tmp_path / "full"
     full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "mwfull", str(full)], check=True)
+    # Room for a few records (each a few KiB: the caller's argument list is long).
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "mwfull", str(full)], check=True)
     try:
         out = full / "out.jsonl"
         ops = [op for _ in range(30) for op in ("finit", str(mwtest_ko), "", "delete", "mwtest")]
@@ -855,7 +861,7 @@ def test_caller_facts_cgroup_ancestry_and_another_euid(
         [mwload, "delete", "mwtest"],
     )
     out = tmp_path / "facts.jsonl"
-    child = Child("capture", "-o", str(out), "--", *command)
+    child = Child("capture", "--no-hash", "-o", str(out), "--", *command)
     try:
         assert child.wait() == 0  # the script's status: its last command's
     finally:
@@ -879,6 +885,9 @@ def test_caller_facts_cgroup_ancestry_and_another_euid(
     # permission check refuses.
     assert (refused["uid"], refused["euid"], refused["errno"]) == (0, 65534, "EPERM")
     assert refused["exe"] == mwload and refused["cgroup"] != "/modwatch-test"
+    # --no-hash: the file is not read; where it lies is still known.
+    assert (loaded["sha256"], loaded["signed"], loaded["in_tree"]) == (None, None, False)
+    assert loaded["reasons"]["sha256"] == "not read: --no-hash"
 
 
 def test_a_caller_gone_before_proc_is_read(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
@@ -962,3 +971,41 @@ def test_module_file_facts(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None
 
     assert stale["stale"] is True
     assert stale["sha256"] == hashlib.sha256(loaded + b"rewritten").hexdigest()
+
+
+def second_load_in_flight() -> bool:
+    """mwtest's init is running with delay_ms=4000 (its parameters are in sysfs then)."""
+    try:
+        return Path("/sys/module/mwtest/parameters/delay_ms").read_text().strip() == "4000"
+    except OSError:
+        return False
+
+
+def test_a_reused_fd_number_does_not_lend_its_file_to_an_earlier_load(
+    tmp_path: Path, mwload: str, mwtest_ko: Path
+) -> None:
+    first, second = tmp_path / "first.ko", tmp_path / "second.ko"
+    first.write_bytes(mwtest_ko.read_bytes())
+    second.write_bytes(mwtest_ko.read_bytes() + b"\0second")
+    out = tmp_path / "reuse.jsonl"
+    child = Child("capture", "-o", str(out))
+    child.instance()
+    # The capture reads nothing while the loader loads the first file and opens the
+    # second with the same fd number, whose load then stays in flight.
+    os.kill(child.pid, signal.SIGSTOP)
+    ops = ["finit", str(first), "", "delete", "mwtest", "finit", str(second), "delay_ms=4000"]
+    loader = subprocess.Popen([mwload, *ops, "delete", "mwtest"])
+    try:
+        wait_until(second_load_in_flight, 60, "the second load in flight")
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    assert loader.wait(timeout=120) == 0
+    wait_until(lambda: out.read_text().count("\n") >= 4, 60, "four records")
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0
+    load1, _, load2, _ = (json.loads(line) for line in out.read_text().splitlines())
+    assert (load1["path"], load1["path_source"]) == (str(first), "kernel")
+    assert load1["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert load1["hash_source"] == "path"  # the fd held the second file by then
+    assert load2["sha256"] == hashlib.sha256(second.read_bytes()).hexdigest()
+    assert load2["hash_source"] == "fd"

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modwatch import correlate
-from modwatch.correlate import RECORD_KEYS, Caller, Correlator, Record, TraceClock
+from modwatch.correlate import (
+    RECORD_KEYS,
+    Caller,
+    Correlator,
+    FileRequest,
+    Record,
+    TraceClock,
+)
 from modwatch.modfile import FILE_KEYS, FileFacts
 from modwatch.parser import Event, Lost
 
@@ -39,18 +46,16 @@ class FakeEnricher:
     def __init__(self, answers: dict[int, Caller] | None = None) -> None:
         self.answers = answers or {}
         self.asked: list[tuple[int, int, int | None]] = []
-        self.files: list[tuple[int, int, int | None, int, str | None, int]] = []
+        self.files: list[FileRequest] = []
         self.file_jobs: dict[int, Future[FileFacts]] = {}
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         self.asked.append((tid, ts_us, fd))
         return self.answers.get(tid, Caller(None, None, None))
 
-    def module_file(
-        self, tid: int, ts_us: int, pid: int | None, fd: int, path: str | None, wall_ns: int
-    ) -> Future[FileFacts] | None:
-        self.files.append((tid, ts_us, pid, fd, path, wall_ns))
-        return self.file_jobs.get(tid)
+    def module_file(self, request: FileRequest) -> Future[FileFacts] | None:
+        self.files.append(request)
+        return self.file_jobs.get(request.tid)
 
 
 def feed(correlator: Correlator, events: list[Event]) -> list[Record]:
@@ -816,7 +821,9 @@ def test_the_module_file_is_read_only_once_the_permission_check_passed() -> None
     correlator = Correlator(CLOCK, enricher)
     records = feed(correlator, load_events())
     wall_ns = (248_977_428 + OFFSET_US) * 1000
-    assert enricher.files == [(244, 248_977_428, 244, 3, "/m.ko", wall_ns)]
+    assert enricher.files == [
+        correlate.FileRequest(244, 248_977_428, 244, 3, "/m.ko", wall_ns, None)
+    ]
     assert records[0]["_pending"] == correlate.Pending(244, 248_977_428, job)
     # Refused at the permission check: nothing is read.
     refused = [finit(245, 1), ev("finit_module_ret", 245, 2, ret=-1)]

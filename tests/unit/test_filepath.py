@@ -197,3 +197,25 @@ def test_correlator_takes_the_first_file_read_of_a_finit_module() -> None:
         for r in correlator.event(item)
     ]
     assert [(r["path"], r["path_source"]) for r in records] == [("/lib/x.ko", "kernel")]
+
+
+def test_the_inode_number_is_fetched_where_btf_has_it() -> None:
+    plain = file_spec()
+    assert "ino" not in [a.name for a in plain.args]  # kt.BTF_OFFSETS lacks the members
+    with_ino = file_spec(probe_set({**OFFSETS, "dentry.d_inode": 48, "inode.i_ino": 64}))
+    ino = next(a for a in with_ino.args if a.name == "ino")
+    dentry = OFFSETS["file.f_path.dentry"]
+    assert (ino.fetch, ino.type) == (f"+64(+48(+{dentry}(%di)))", "u64")
+    values = {**model([["x.ko", "lib"], []]), "ino": 4242}
+    pset = probe_set({**OFFSETS, "dentry.d_inode": 48, "inode.i_ino": 64})
+    events = parse_file_event(values, pset)
+    assert len(events) == 1
+    path = filepath.rebuild(events[0].fields)  # type: ignore[attr-defined]
+    assert path is not None and (path.text(), path.ino) == ("/lib/x.ko", 4242)
+
+
+def test_proc_naming_another_inode_is_not_used() -> None:
+    part = filepath.KernelPath(("j", "mw.ko"), False, False, ino=7)
+    assert filepath.choose(part, "/a/j/mw.ko", 7) == ("/a/j/mw.ko", "proc")
+    assert filepath.choose(part, "/a/j/mw.ko", 8) == ("[truncated]/j/mw.ko", "kernel")
+    assert filepath.choose(part, "/a/j/mw.ko", None) == ("/a/j/mw.ko", "proc")

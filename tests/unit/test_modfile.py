@@ -179,3 +179,28 @@ def test_no_hash_reads_nothing_but_says_where_the_file_is(tmp_path: Path) -> Non
     assert facts.reasons == dict.fromkeys(modfile.READ_KEYS, "not read: --no-hash")
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_an_fd_holding_another_file_is_not_read(tmp_path: Path) -> None:
+    loaded, other = tmp_path / "loaded.ko", tmp_path / "other.ko"
+    loaded.write_bytes(elf())
+    other.write_bytes(elf(b"srcversion=OTHER\0"))
+    fd = os.open(other, os.O_RDONLY)  # the loader's fd number, reused for the next file
+    reader = FileReader()
+    try:
+        ino = loaded.stat().st_ino
+        facts = reader.start(fd, str(loaded), time.time_ns(), ino).result(timeout=10)
+        renamed = reader.start(None, str(other), time.time_ns(), ino).result(timeout=10)
+    finally:
+        reader.close()
+    assert (facts.hash_source, facts.srcversion, facts.stale) == (
+        "path",
+        "0123456789ABCDEF012345",
+        False,
+    )
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    # By path, another file than the kernel read: read, but marked stale, and why.
+    assert (renamed.hash_source, renamed.stale) == ("path", True)
+    assert renamed.reasons is not None
+    assert renamed.reasons["stale"] == f"{other} is another file than the one loaded"

@@ -276,3 +276,11 @@ def test_a_full_disk_leaves_whole_lines_only(tmp_path: Path) -> None:
         )
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_bytes_inside_lists_of_objects_are_escaped_too() -> None:
+    ancestry = [{"pid": 9, "name": "sh"}, {"pid": 1, "name": "in\udcffit"}]
+    back = json.loads(output.dumps(record(ancestry=ancestry, cmdline=["a", "\udcfe"])))
+    assert back["ancestry"] == [{"pid": 9, "name": "sh"}, {"pid": 1, "name": "in\\xffit"}]
+    assert back["cmdline"] == ["a", "\\xfe"]
+    assert back["escaped"] == ["ancestry.1.name", "cmdline"]
