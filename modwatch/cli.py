@@ -14,7 +14,8 @@ from typing import IO, Annotated
 import orjson
 import typer
 
-from modwatch import __version__, capture, doctor, events
+from modwatch import __version__, audit, capture, doctor, events
+from modwatch.correlate import Record
 from modwatch.errors import EXIT_STATUS_HELP, ExitStatus, ModwatchError
 from modwatch.output import (
     COLUMNS,
@@ -22,6 +23,7 @@ from modwatch.output import (
     JsonlWriter,
     TableWriter,
     Writer,
+    dumps,
     printable,
 )
 from modwatch.probes import new_group
@@ -300,6 +302,97 @@ def events_command() -> None:
             tags = ",".join(arg.tags)
             print(f"    {arg.name:<14} {arg.type:<24} {tags:<9} {arg.meaning}")
         print()
+
+
+class AuditFormat(enum.StrEnum):
+    json = "json"
+    text = "text"
+
+
+@app.command("audit")
+def audit_command(
+    state: Annotated[
+        Path,
+        typer.Option("--state", help="The state file the next run compares with.", metavar="FILE"),
+    ] = Path(audit.DEFAULT_STATE),
+    allow: Annotated[
+        Path | None,
+        typer.Option(
+            "--allow",
+            help="An allowlist: a module name glob per line, optionally followed by "
+            "sha256:HEX to pin the file's hash; # starts a comment.",
+            metavar="FILE",
+        ),
+    ] = None,
+    capture_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--capture",
+            min=0,
+            help="First capture module operations for SECONDS and include the records.",
+            metavar="SECONDS",
+        ),
+    ] = None,
+    fmt: Annotated[
+        AuditFormat, typer.Option("--format", help="One JSON document, or a short summary.")
+    ] = AuditFormat.json,
+    to_syslog: Annotated[
+        bool, typer.Option("--syslog", help="Also send one line per finding to syslog (/dev/log).")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="Print nothing: the exit status tells.")
+    ] = False,
+    hashing: Annotated[
+        bool, typer.Option("--hash/--no-hash", help="Read each module file (sha256, signature).")
+    ] = True,
+) -> None:
+    """Audit the loaded modules: what changed since the last run, even while nothing
+    was watching.
+
+    Snapshots /proc/modules, /sys/module and each module's file on disk (from
+    modules.dep: sha256, signature, srcversion against the loaded one). Findings:
+    hidden_module (in /sys/module or /proc/kallsyms, not in /proc/modules),
+    file_missing, file_differs, unsigned_module (while others are signed); against the
+    previous state: module_added, module_removed, module_reloaded, module_taint_changed,
+    kernel_taint_changed, boot_changed; against --allow: not_allowed, hash_not_allowed.
+    The first run records a baseline. The state is written whole (temporary file,
+    fsync, rename) under a lock.
+
+    Exit status: 0 no findings; 1 findings; 2 bad command line or --allow file;
+    8 state file not writable; 13 state file unreadable, corrupt or newer (left
+    untouched); 14 another audit held the lock for 10 s.
+    """
+    records: list[Record] = []
+    if capture_seconds is not None:
+        cap = capture.Capture(capture.Options(duration=capture_seconds, hashing=hashing))
+        records = list(cap.run())
+    options = audit.AuditOptions(
+        state=str(state), allow=None if allow is None else str(allow), hashing=hashing
+    )
+    document = audit.run(options)
+    if capture_seconds is not None:
+        document["records"] = records
+    findings = document["findings"]
+    if to_syslog:
+        problem = audit.send_syslog(findings)
+        if problem is not None:
+            _err(f"modwatch: warning: findings not sent to syslog: {problem}")
+    if not quiet and fmt is AuditFormat.json:
+        sys.stdout.buffer.write(dumps(document))
+    elif not quiet:
+        summary, kernel = document["summary"], document["kernel"]
+        taints = " ".join(kernel["taints"]) or "none"
+        print(
+            f"modwatch audit: {len(findings)} findings; {summary['modules']} modules "
+            f"({summary['unsigned']} unsigned, {summary['out_of_tree']} out of tree); "
+            f"kernel taint: {taints}"
+        )
+        if document["state"]["baseline"]:
+            print(f"  baseline recorded in {state}: the next run compares with it")
+        for finding in findings:
+            print("  " + printable(audit.finding_text(finding)))
+    sys.stdout.flush()
+    raise typer.Exit(1 if findings else 0)
 
 
 @app.command("doctor")

@@ -21,6 +21,8 @@ class ExitStatus(enum.IntEnum):
     BAD_TRACE_FILE = 10
     DEGRADED = 11  # doctor: capture runs, with fields or callers missing
     IMPOSSIBLE = 12  # doctor: capture cannot run here
+    STATE_ERROR = 13  # audit: the state file is unreadable, corrupt or newer (left untouched)
+    STATE_LOCKED = 14  # audit: another audit holds the state file's lock
 
 
 EXIT_STATUS_HELP = {
@@ -39,6 +41,9 @@ EXIT_STATUS_HELP = {
     ExitStatus.BAD_TRACE_FILE: "--replay file unreadable or not a modwatch trace",
     ExitStatus.DEGRADED: "doctor: capture works here, with something missing (see its warn lines)",
     ExitStatus.IMPOSSIBLE: "doctor: capture cannot run here (see its fail lines)",
+    ExitStatus.STATE_ERROR: "audit: the state file is unreadable, corrupt or from a newer "
+    "modwatch; it is left untouched",
+    ExitStatus.STATE_LOCKED: "audit: another audit held the state file's lock for 10 s",
 }
 
 
