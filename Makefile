@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-unit test-kernel lint clean
+.PHONY: help install demo test test-unit test-kernel bench lint clean
 
 help: ## list the targets
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -32,6 +32,9 @@ test-unit: install ## unit tests on the host
 
 test-kernel: install ## kernel tests in guest kernels (KERNELS=6.1 or 6.12 for one; SOAK=10000 for the full soak)
 	cd $(CURDIR) && $(BIN)/python scripts/testbed.py run $(if $(SOAK),-- --soak-cycles=$(SOAK))
+
+bench: install ## readers side by side under a storm of module syscalls, in a guest (figures, not a test)
+	cd $(CURDIR) && $(BIN)/python scripts/bench.py
 
 lint: install ## ruff check, ruff format --check, mypy --strict
 	cd $(CURDIR) && $(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

@@ -155,12 +155,19 @@ def loadable_in_sysfs(roots: Roots) -> set[str]:
     return {n for n in names if os.path.exists(os.path.join(base, n, "initstate"))}
 
 
+# kallsyms also names pseudo-modules, which are not hidden modules: kprobe instruction
+# slots (`[__builtin__kprobes]`, left after any kprobe, modwatch's own included), ftrace
+# trampolines (`[__builtin__ftrace]`), BPF programs (`[bpf]`).
+
+
 def kallsyms_modules(roots: Roots) -> set[str]:
     """Modules that own symbols in /proc/kallsyms (`addr t name [module]`)."""
     names = set()
     for line in (_read(os.path.join(roots.proc, "kallsyms")) or "").splitlines():
         if line.endswith("]") and "[" in line:
-            names.add(line[line.rindex("[") + 1 : -1].split()[0])
+            name = line[line.rindex("[") + 1 : -1].split()[0]
+            if not (name == "bpf" or name.startswith("__builtin__")):
+                names.add(name)
     return names
 
 

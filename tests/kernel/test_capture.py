@@ -663,16 +663,17 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
 def test_returns_the_kernel_missed_make_incomplete_records_counted_by_kprobe_profile(
     tmp_path: Path, tracefs: Path, mwload: str, mwtest_ko: Path
 ) -> None:
-    # Sixteen loads of one module at once: the first one's init sleeps, the others wait
-    # for it inside finit_module. More threads in the call than the return probe has
-    # instances (its MAXACTIVE: 10 on this 2-CPU guest): the kernel misses some returns.
+    # Sixteen loads of one module at once: the first one's init sleeps (long enough for
+    # all sixteen to start under emulation), the others wait for it inside finit_module.
+    # More threads in the call than the return probe has instances (its MAXACTIVE: 10 on
+    # this 2-CPU guest): the kernel misses some returns.
     loaders = 16
     out = tmp_path / "missed.jsonl"
     child = Child("capture", "-o", str(out))
     instance = child.instance()
     ko = str(mwtest_ko)
     procs = [
-        subprocess.Popen([mwload, "finit", ko, "delay_ms=2000"], stdout=subprocess.DEVNULL)
+        subprocess.Popen([mwload, "finit", ko, "delay_ms=8000"], stdout=subprocess.DEVNULL)
         for _ in range(loaders)
     ]
     for proc in procs:

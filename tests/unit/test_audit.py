@@ -199,6 +199,16 @@ def test_hidden_module_and_missing_file(tree: Tree, tmp_path: Path) -> None:
     assert [f.get("seen_in") for f in doc["findings"][:2]] == ["sysfs", "kallsyms"]
 
 
+def test_kallsyms_pseudo_modules_are_not_hidden_modules(tree: Tree, tmp_path: Path) -> None:
+    tree.kallsyms += [
+        "ffffffffc0200000 t kprobe_insn_page\t[__builtin__kprobes]",
+        "ffffffffc0300000 t ftrace_trampoline\t[__builtin__ftrace]",
+        "ffffffffc0400000 t bpf_prog_6deef7357e7b4530\t[bpf]",
+    ]
+    tree.write()
+    assert kinds(run(tree, tmp_path)) == []
+
+
 def test_unsigned_among_unsigned_is_no_finding(tmp_path: Path) -> None:
     tree = Tree(tmp_path / "kernel")
     tree.file("a.ko", UNSIGNED)

@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""modwatch's benchmark: readers of the same probe set side by side, in one run.
+
+    scripts/bench.py [--kernel 6.12] [--calls N] [--json FILE]
+        on the host: builds the storm generator, measures --replay throughput here, then
+        boots the guest kernel (scripts/testbed.py) for the rest; prints one table
+    scripts/bench.py guest [--calls N]
+        in the guest, as root: the kernel measurements, as one JSON document on stdout
+
+In the guest, for each rate of failing finit_module calls (storm.c) and each reader
+of the same probe set in an instance with the same buffer size: `modwatch capture` to a
+file, `cat trace_pipe` to a file (the text interface's own limit), and `cat | awk`
+splitting the fields (how shell ftrace tools read it). For each: events written by the
+kernel and consumed by the reader (the instance's own counters), lost (overrun and
+dropped), what modwatch reported lost, CPU seconds and peak RSS of the reader. Also:
+`modwatch capture` start to armed against `python3 -c pass`, and CPU of an idle capture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+PYTHON = CHECKOUT / ".venv" / "bin" / "python"
+BUILD = CHECKOUT / ".cache" / "bench"
+STORM = BUILD / "storm"
+TRACEFS = Path("/sys/kernel/tracing")
+RATES = (2000, 20000, 0)  # calls per second; 0: as fast as the generator goes
+READERS = ("modwatch", "cat", "awk")
+# Splits every line into its fields and key=value pairs, and writes a line per event.
+AWK = (
+    'awk \'{ n = 0; for (i = 1; i <= NF; i++) if (index($i, "=")) '
+    '{ split($i, kv, "="); n++ } print $1, n }\''
+)
+
+
+def build_storm() -> None:
+    BUILD.mkdir(parents=True, exist_ok=True)
+    source = CHECKOUT / "scripts" / "bench" / "storm.c"
+    if not STORM.exists() or STORM.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(STORM), str(source)], check=True)
+
+
+# -- in the guest ------------------------------------------------------------------------
+
+
+def instance_counters(instance: str) -> dict[str, int]:
+    """The instance's ring buffer counters, summed over CPUs."""
+    totals = {"read events": 0, "entries": 0, "overrun": 0, "dropped events": 0}
+    for stats in (TRACEFS / "instances" / instance / "per_cpu").glob("cpu*/stats"):
+        for line in stats.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in totals:
+                totals[key] += int(value.split()[0])
+    return totals
+
+
+def process_usage(pids: list[int]) -> tuple[float, int]:
+    """CPU seconds and the largest peak RSS (KiB) of some processes, still running."""
+    cpu, peak = 0.0, 0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        status = Path(f"/proc/{pid}/status").read_text()
+        peak = max(peak, int(status.split("VmHWM:", 1)[1].split()[0]))
+    return cpu, peak
+
+
+def wait_quiet(path: Path, seconds: float = 2.0, limit: float = 180.0) -> None:
+    """Until the reader's output stops growing."""
+    deadline = time.monotonic() + limit
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = path.stat().st_size if path.exists() else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= seconds:
+            return
+        time.sleep(0.2)
+
+
+def start_modwatch(out: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+    """A capture in a new interpreter; its instance, and seconds from start to armed."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(PYTHON), "-m", "modwatch", "capture", "-o", str(out)], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    banner = proc.stderr.readline().decode()
+    armed = time.monotonic() - started
+    return proc, banner.split("tracefs instance ", 1)[1].split(";", 1)[0], armed
+
+
+def run_reader(reader: str, rate: int, calls: int, work: Path) -> dict[str, Any]:
+    from modwatch.capture import Capture, Options
+
+    out = work / f"{reader}-{rate}.out"
+    result: dict[str, Any] = {"reader": reader, "rate": rate or "full"}
+    with contextlib.ExitStack() as undo:
+        if reader == "modwatch":
+            proc, instance, result["armed_s"] = start_modwatch(out)
+            pids = [proc.pid]
+        else:
+            # The same probe set, armed by modwatch's own setup, read by another reader.
+            cap = Capture(Options())
+            cap._arm(undo)
+            assert cap.instance is not None
+            instance = cap.instance
+            pipe = TRACEFS / "instances" / instance / "trace_pipe"
+            shell = f"cat {pipe} > {out}" if reader == "cat" else f"cat {pipe} | {AWK} > {out}"
+            proc = subprocess.Popen(["sh", "-c", shell], start_new_session=True)
+            time.sleep(1)
+            pids = [
+                int(p)
+                for p in subprocess.run(
+                    ["pgrep", "-s", str(proc.pid)], capture_output=True, text=True
+                ).stdout.split()
+            ]
+        storm = subprocess.run([str(STORM), str(calls), str(rate)], capture_output=True, text=True)
+        result["storm"] = json.loads(storm.stdout)
+        wait_quiet(out)
+        counters = instance_counters(instance)
+        result["cpu_s"], result["peak_rss_kib"] = process_usage(pids)
+        if reader == "modwatch":
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+            records = [json.loads(line) for line in out.read_text().splitlines()]
+            result["modwatch_lost"] = sum(r["count"] or 0 for r in records if r["type"] == "lost")
+            result["records"] = sum(r["type"] == "load" for r in records)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    lost = counters["overrun"] + counters["dropped events"]
+    result["written"] = counters["read events"] + counters["entries"] + lost
+    result["consumed"] = counters["read events"]
+    result["lost"] = lost
+    return result
+
+
+def guest(calls: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="modwatch-bench-"))
+    runs = [run_reader(r, rate, calls, work) for rate in RATES for r in READERS]
+    bare = []
+    for _ in range(3):
+        started = time.monotonic()
+        subprocess.run(["python3", "-c", "pass"], check=True)
+        bare.append(time.monotonic() - started)
+    # An idle capture for 30 s: its CPU time.
+    proc, _, armed = start_modwatch(work / "idle.out")
+    before, _ = process_usage([proc.pid])
+    time.sleep(30)
+    after, idle_rss = process_usage([proc.pid])
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    return {
+        "kernel": os.uname().release,
+        "calls": calls,
+        "runs": runs,
+        "python_c_pass_s": statistics.median(bare),
+        "armed_s": [r["armed_s"] for r in runs if "armed_s" in r] + [armed],
+        "idle_cpu_s_30s": round(after - before, 3),
+        "idle_peak_rss_kib": idle_rss,
+    }
+
+
+# -- on the host ---------------------------------------------------------------------------
+
+
+def replay_throughput(copies: int = 2000) -> dict[str, Any]:
+    """--replay of a large trace (the unit tests' fixture, repeated) against a loop that
+    only splits its lines."""
+    sys.path.insert(0, str(CHECKOUT))
+    from modwatch.capture import Capture, Options
+
+    fixture = (CHECKOUT / "tests" / "unit" / "fixtures" / "load-unload-6.1.trace").read_text()
+    header = "".join(line for line in fixture.splitlines(keepends=True) if line.startswith("# "))
+    body = "".join(line for line in fixture.splitlines(keepends=True) if not line.startswith("#"))
+    with tempfile.NamedTemporaryFile("w", suffix=".trace", delete=False) as f:
+        f.write(header + body * copies)
+        path = f.name
+    try:
+        lines = (body * copies).count("\n")
+        started = time.process_time()
+        for line in Path(path).read_text().splitlines():
+            line.split()
+        split_s = time.process_time() - started
+        started = time.process_time()
+        records = sum(1 for _ in Capture(Options()).replay(path))
+        replay_s = time.process_time() - started
+    finally:
+        os.unlink(path)
+    return {
+        "lines": lines,
+        "records": records,
+        "split_lines_per_s": round(lines / split_s),
+        "replay_lines_per_s": round(lines / replay_s),
+        "ratio": round(split_s / replay_s, 3),
+    }
+
+
+def table(host: dict[str, Any], guest_result: dict[str, Any]) -> str:
+    rows = [
+        f"kernel {guest_result['kernel']}, {guest_result['calls']} failing finit_module "
+        "calls per run (3 events each)",
+        f"{'rate/s':>7} {'reader':<9} {'written':>8} {'consumed':>8} {'lost':>7} "
+        f"{'vs cat':>6} {'mw lost':>7} {'cpu s':>6} {'peak RSS':>9}",
+    ]
+    by = {(r["rate"], r["reader"]): r for r in guest_result["runs"]}
+    for rate in RATES:
+        key = rate or "full"
+        cat = by[(key, "cat")]["consumed"] or 1
+        for reader in READERS:
+            r = by[(key, reader)]
+            mw_lost = r.get("modwatch_lost", "")
+            rows.append(
+                f"{key!s:>7} {reader:<9} {r['written']:>8} {r['consumed']:>8} {r['lost']:>7} "
+                f"{r['consumed'] / cat:>6.2f} {mw_lost!s:>7} {r['cpu_s']:>6.2f} "
+                f"{r['peak_rss_kib'] / 1024:>7.1f}MB"
+            )
+    armed = statistics.median(guest_result["armed_s"])
+    bare = guest_result["python_c_pass_s"]
+    rows += [
+        f"start to armed: {armed:.1f} s median, python3 -c pass {bare:.1f} s: {armed / bare:.1f}x",
+        f"idle capture: {guest_result['idle_cpu_s_30s']:.2f} CPU s in 30 s, "
+        f"peak RSS {guest_result['idle_peak_rss_kib'] / 1024:.1f} MB",
+        f"host --replay: {host['replay_lines_per_s']} lines/s, splitting only "
+        f"{host['split_lines_per_s']} lines/s: {host['ratio']:.2f}x",
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", nargs="?", choices=["guest"], help="(run inside the guest)")
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--kernel", default="6.12", choices=["6.1", "6.12"])
+    parser.add_argument("--json", type=Path, default=BUILD / "bench.json")
+    args = parser.parse_args(argv)
+    if args.mode == "guest":
+        sys.path.insert(0, str(CHECKOUT))
+        print(json.dumps(guest(args.calls)))
+        return 0
+    build_storm()
+    host = replay_throughput()
+    run = subprocess.run(
+        [
+            str(PYTHON),
+            str(CHECKOUT / "scripts" / "testbed.py"),
+            "exec",
+            "--kernel",
+            args.kernel,
+            "--",
+            str(PYTHON),
+            str(CHECKOUT / "scripts" / "bench.py"),
+            "guest",
+            "--calls",
+            str(args.calls),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    documents = [line for line in run.stdout.splitlines() if line.startswith('{"kernel"')]
+    if run.returncode != 0 or not documents:
+        sys.stderr.write(run.stdout + run.stderr)
+        return 1
+    result = {"host": host, "guest": json.loads(documents[-1])}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(table(host, result["guest"]))
+    print(f"(JSON: {args.json})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
