@@ -74,7 +74,8 @@ def process_usage(pids: list[int]) -> tuple[float, int]:
         fields = stat[stat.rindex(")") + 2 :].split()
         cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         status = Path(f"/proc/{pid}/status").read_text()
-        peak = max(peak, int(status.split("VmHWM:", 1)[1].split()[0]))
+        if "VmHWM:" in status:  # a zombie has none
+            peak = max(peak, int(status.split("VmHWM:", 1)[1].split()[0]))
     return cpu, peak
 
 
@@ -115,7 +116,10 @@ def run_reader(reader: str, rate: int, calls: int, work: Path) -> dict[str, Any]
         else:
             # The same probe set, armed by modwatch's own setup, read by another reader.
             cap = Capture(Options())
-            cap._arm(undo)
+            fd, _, _ = cap._arm(undo)
+            # Only one reader may hold trace_pipe: hand it over (the fd stays valid for
+            # the capture's own close at teardown).
+            os.dup2(os.open(os.devnull, os.O_RDONLY), fd)
             assert cap.instance is not None
             instance = cap.instance
             pipe = TRACEFS / "instances" / instance / "trace_pipe"
