@@ -499,18 +499,21 @@ def fast_mounts() -> list[tuple[str, Path]]:
 def boot(kernel: Kernel, command: str, timeout: float, stream: str | None = None) -> GuestRun:
     """Boot the kernel and run a shell command in the guest as root, cwd the checkout.
 
-    A guest that dies before the command starts (no stdout file in its results: under
-    TCG a Debian kernel now and then oopses on an int3 while patching its own code at
-    boot) is booted once more; a guest that dies once the command runs is a failure.
+    A guest that dies before the command starts (no stdout file in its results) is
+    booted once more. So is one whose kernel oopsed on an int3 (`Oops: int3`): under
+    QEMU's multi-threaded TCG a Debian 6.12 kernel now and then runs into a breakpoint
+    its own code patching (text_poke_bp) has already removed, in code modwatch does not
+    probe (`__schedule` of rcu_preempt, seen at boot and mid-run). Any other death, and
+    a second one, is a failure: a crash modwatch caused would come back.
     """
     run = boot_once(kernel, command, timeout, stream)
-    unborn = run.status is None and not (run.results / "stdout").exists()
-    if unborn and not run.timed_out and not STOPPING.is_set():
-        log(
-            f"{kernel.release}: the guest died before the command started; booting it "
-            f"once more (console: {run.console})"
-        )
-        run = boot_once(kernel, command, timeout, stream)
+    if run.status is None and not run.timed_out and not STOPPING.is_set():
+        unborn = not (run.results / "stdout").exists()
+        console = run.console.read_text(errors="replace") if run.console.exists() else ""
+        if unborn or "Oops: int3" in console:
+            why = "died before the command started" if unborn else "kernel oopsed on an int3"
+            log(f"{kernel.release}: the guest {why}; booting it once more (console: {run.console})")
+            run = boot_once(kernel, command, timeout, stream)
     return run
 
 
