@@ -1,0 +1,62 @@
+"""scripts/testbed.py: which dead guests are booted once more (a fake boot: no QEMU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import testbed
+
+
+def fake_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcomes: list[tuple[int | None, str, bool]]
+) -> list[int]:
+    """boot_once gives, in turn, runs with (status, console text, stdout written)."""
+    booted: list[int] = []
+
+    def boot_once(kernel: Any, command: str, timeout: float, stream: str | None) -> Any:
+        status, console, started = outcomes[len(booted)]
+        directory = tmp_path / f"run{len(booted)}"
+        (directory / "results").mkdir(parents=True)
+        (directory / "console.log").write_text(console)
+        if started:
+            (directory / "results" / "stdout").write_text("")
+        booted.append(len(booted))
+        return testbed.GuestRun(None, status, False, directory, 1.0)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(testbed, "boot_once", boot_once)
+    monkeypatch.setattr(testbed, "log", lambda message: None)
+    return booted
+
+
+OOPS = "[  268.733240] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\nRIP: 0010:__schedule+0x339\n"
+PANIC = "[  12.0] BUG: kernel NULL pointer dereference\nKernel panic - not syncing\n"
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "boots", "status"),
+    [
+        ([(0, "", True)], 1, 0),  # a normal run
+        ([(1, "", True)], 1, 1),  # failed tests: not booted again
+        ([(None, "", False), (0, "", True)], 2, 0),  # died before the command started
+        ([(None, OOPS, True), (0, "", True)], 2, 0),  # the emulator's int3 oops mid-run
+        ([(None, OOPS, True), (None, OOPS, True)], 2, None),  # twice: a failure
+        ([(None, PANIC, True)], 1, None),  # any other death: a failure
+    ],
+)
+def test_which_dead_guests_boot_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    outcomes: list[tuple[int | None, str, bool]],
+    boots: int,
+    status: int | None,
+) -> None:
+    booted = fake_runs(tmp_path, monkeypatch, outcomes)
+    kernel = SimpleNamespace(release="6.12.0-test")
+    run = testbed.boot(kernel, "true", 60)  # type: ignore[arg-type]
+    assert (len(booted), run.status) == (boots, status)
