@@ -68,7 +68,7 @@ KERNEL_TAINTS = (
 def taint_letters(value: int) -> list[str]:
     """The letters of the set taint bits (a bit without a known letter as `bitN`)."""
     letters = []
-    for bit in range(max(value.bit_length(), 0)):
+    for bit in range(value.bit_length()):
         if value >> bit & 1:
             letters.append(KERNEL_TAINTS[bit][0] if bit < len(KERNEL_TAINTS) else f"bit{bit}")
     return letters
@@ -267,12 +267,13 @@ def diff(previous: dict[str, Any], snap: dict[str, Any]) -> list[dict[str, Any]]
         )
     before_taint, after_taint = previous.get("tainted"), snap["tainted"]
     if before_taint != after_taint and before_taint is not None and after_taint is not None:
-        added = [t for t in taint_letters(after_taint) if t not in taint_letters(before_taint)]
+        letters_before, letters_after = taint_letters(before_taint), taint_letters(after_taint)
+        added = [t for t in letters_after if t not in letters_before]
         findings.append(
             _finding(
                 "kernel_taint_changed",
-                before=taint_letters(before_taint),
-                after=taint_letters(after_taint),
+                before=letters_before,
+                after=letters_after,
                 added=added,
                 meanings=taint_meanings(added),
             )
