@@ -705,6 +705,7 @@ def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
             "-m",
             "pytest",
             "-v",  # a line per test, streamed as each test ends
+            "--durations=8",  # where a kernel's time goes
             "-o",
             "junit_family=xunit1",  # xunit1 records each test's file: node ids in the summary
             f"--junitxml={GUEST_RESULTS}/junit.xml",

@@ -8,16 +8,20 @@ makes are a shell script of mwload calls.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from modwatch import cli
+from modwatch.tracefile import CALLER
 
 
 class Child:
@@ -93,3 +97,81 @@ def script(tmp: Path, *commands: list[str]) -> list[str]:
     path = tmp / "scenario.sh"
     path.write_text("\n".join(shlex.join(c) for c in commands) + "\n")
     return ["sh", str(path)]
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+
+
+HOLD = Path("/sys/module/mwtest/parameters/hold_ms")
+HOLD_MS = 120_000  # a bound on a held init, should nothing let it go
+MARKER = "mwmarker"  # the module a marker call names: never loaded
+
+
+def held() -> bool:
+    """mwtest's init is running and waiting (loaded with hold_ms)."""
+    try:
+        return int(HOLD.read_text()) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def release() -> None:
+    HOLD.write_text("0")
+
+
+def callers_seen(trace: Path) -> list[dict[str, Any]]:
+    """The caller lines of a saved trace: what /proc gave at each syscall entry, in order."""
+    text = trace.read_text(encoding="utf-8", errors="surrogateescape")
+    return [
+        json.loads(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith(CALLER)
+    ]
+
+
+class Releaser(threading.Thread):
+    """Lets `loads` loads of mwtest made with hold_ms go on, one after another, once the
+    capture saving its trace to `trace` has handled everything each load did before its
+    init: while the init waits, a marker call (delete_module of MARKER, which fails) is
+    made, and the load goes on when the marker's entry is in the saved trace (events are
+    handled in order). However slow the guest, the capture has seen the load in flight.
+
+    The markers are records too: `markers` holds their pids."""
+
+    def __init__(self, trace: Path, mwload: str, loads: int) -> None:
+        super().__init__(daemon=True)
+        self.trace, self.mwload, self.loads = trace, mwload, loads
+        self.markers: list[int] = []
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for _ in range(self.loads):
+                wait_until(held, 120, "a load of mwtest held in its init")
+                marker = subprocess.Popen(
+                    [self.mwload, "delete", MARKER],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                marker.wait(timeout=60)
+                self.markers.append(marker.pid)
+                wait_until(
+                    lambda pid=marker.pid: any(c["tid"] == pid for c in callers_seen(self.trace)),
+                    120,
+                    f"the marker call (pid {marker.pid}) in {self.trace}",
+                )
+                release()
+        except BaseException as err:  # reported by done()
+            self.error = err
+
+    def done(self) -> list[int]:
+        """Wait for the releases; the markers' pids."""
+        self.join(timeout=300)
+        assert not self.is_alive(), "the releaser did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.markers

@@ -28,7 +28,7 @@ from modwatch import tracefs as tracefs_mod
 from modwatch.capture import Capture, Options
 from modwatch.errors import ExitStatus, ModwatchError
 
-from .helpers import CHILDREN, Child, script
+from .helpers import CHILDREN, HOLD_MS, MARKER, Child, Releaser, held, release, script, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -652,30 +652,32 @@ def test_sigkill_at_any_point_leaves_only_what_the_next_session_removes(
         assert leftovers() == set(), (stage, delay)
 
 
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
+def in_finit_module(pid: int) -> bool:
+    """The process is inside finit_module (/proc/PID/syscall: the number first)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split(" ", 1)[0] == "313"
+    except OSError:
+        return False
 
 
 def test_returns_the_kernel_missed_make_incomplete_records_counted_by_kprobe_profile(
     tmp_path: Path, tracefs: Path, mwload: str, mwtest_ko: Path
 ) -> None:
-    # Sixteen loads of one module at once: the first one's init sleeps (long enough for
-    # all sixteen to start under emulation), the others wait for it inside finit_module.
-    # More threads in the call than the return probe has instances (its MAXACTIVE: 10 on
-    # this 2-CPU guest): the kernel misses some returns.
+    # Sixteen loads of one module at once: the first one's init waits until all sixteen
+    # are in the call, the others wait for it inside finit_module. More threads in the
+    # call than the return probe has instances (its MAXACTIVE: 10 on this 2-CPU guest):
+    # the kernel misses some returns.
     loaders = 16
     out = tmp_path / "missed.jsonl"
     child = Child("capture", "-o", str(out))
     instance = child.instance()
     ko = str(mwtest_ko)
     procs = [
-        subprocess.Popen([mwload, "finit", ko, "delay_ms=8000"], stdout=subprocess.DEVNULL)
+        subprocess.Popen([mwload, "finit", ko, f"hold_ms={HOLD_MS}"], stdout=subprocess.DEVNULL)
         for _ in range(loaders)
     ]
+    wait_until(lambda: held() and all(in_finit_module(p.pid) for p in procs), 120, "16 in")
+    release()
     for proc in procs:
         proc.wait(timeout=120)
     # kprobe_profile: event, hits, misses. The session's events are mwTOKEN_NAME.
@@ -710,20 +712,21 @@ def test_a_call_in_flight_at_ctrl_c_is_a_record(
     out = tmp_path / "inflight.jsonl"
     child = Child("capture", "-o", str(out))
     child.instance()
-    loader = subprocess.Popen([mwload, "finit", str(mwtest_ko), "delay_ms=6000"])
+    hold = f"hold_ms={HOLD_MS}"
+    loader = subprocess.Popen([mwload, "finit", str(mwtest_ko), hold])
     try:
-        # The module is listed (state Loading) once its init runs.
-        wait_until(lambda: "mwtest " in Path("/proc/modules").read_text(), 60, "mwtest listed")
+        wait_until(held, 60, "mwtest's init running")
         child.send_signal(signal.SIGINT)
         assert child.wait() == 0
     finally:
+        release()
         assert loader.wait(timeout=60) == 0
         subprocess.run([mwload, "delete", "mwtest"], check=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 1, records
     rec = records[0]
     assert (rec["module"], rec["ret"], rec["incomplete"]) == ("mwtest", None, "in_flight")
-    assert rec["params"] == "delay_ms=6000" and rec["pid"] == loader.pid
+    assert rec["params"] == hold and rec["pid"] == loader.pid
 
 
 def test_module_tracepoints_are_read_by_the_kernels_own_print_format(tracefs: Path) -> None:
@@ -920,22 +923,25 @@ def modinfo_field(path: Path, field: str) -> str | None:
 
 
 def test_module_file_facts(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
-    release = os.uname().release
+    kernel = os.uname().release
     ko = tmp_path / "mwtest.ko"
     ko.write_bytes(mwtest_ko.read_bytes())
     # A Debian module without dependencies: crc7.ko on 6.1, crc7.ko.xz on 6.12, which the
     # kernel decompresses itself when asked (MODULE_INIT_COMPRESSED_FILE).
-    debian = next(Path(f"/lib/modules/{release}/kernel/lib").glob("crc7.ko*"))
+    debian = next(Path(f"/lib/modules/{kernel}/kernel/lib").glob("crc7.ko*"))
     xz = debian.suffix == ".xz"
-    out = tmp_path / "files.jsonl"
-    child = Child("capture", "-o", str(out))
+    out, trace = tmp_path / "files.jsonl", tmp_path / "files.trace"
+    child = Child("capture", "-o", str(out), "--save-trace", str(trace))
     child.instance()
     loaded = ko.read_bytes()
-    # A slow init keeps the loader in its call while modwatch reads its open file (a
-    # loader gone by then is read by path: hash_source "path").
-    subprocess.run([mwload, "finit", str(ko), "delay_ms=3000", "delete", "mwtest"], check=True)
+    # The init waits until the capture has seen the load: the loader is still in its call
+    # while modwatch opens its file (a loader gone by then: read by path).
+    releaser = Releaser(trace, mwload, loads=1)
+    hold = f"hold_ms={HOLD_MS}"
+    subprocess.run([mwload, "finit", str(ko), hold, "delete", "mwtest"], check=True)
+    releaser.done()
     subprocess.run([mwload, "finitc" if xz else "finit", str(debian), "", "delete", "crc7"])
-    wait_until(lambda: out.read_text().count("\n") >= 4, 60, "four records")
+    wait_until(lambda: out.read_text().count("\n") >= 5, 60, "four records and a marker")
     # A file rewritten after the load, before modwatch could read it: stale.
     os.kill(child.pid, signal.SIGSTOP)
     try:
@@ -944,10 +950,11 @@ def test_module_file_facts(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None
             f.write(b"rewritten")
     finally:
         os.kill(child.pid, signal.SIGCONT)
-    wait_until(lambda: out.read_text().count("\n") >= 6, 60, "six records")
+    wait_until(lambda: out.read_text().count("\n") >= 7, 60, "six records and a marker")
     child.send_signal(signal.SIGINT)
     assert child.wait() == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = [r for r in records if r["module"] != MARKER]
     test, crc7, stale = records[0], records[2], records[4]
     assert [r["module"] for r in (test, crc7, stale)] == ["mwtest", "crc7", "mwtest"]
     assert all(r["sha256"] is None for r in records[1::2])  # unloads read no file
@@ -956,7 +963,7 @@ def test_module_file_facts(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None
     assert (test["size"], test["hash_source"], test["stale"]) == (len(loaded), "fd", False)
     assert (test["signed"], test["compressed"], test["in_tree"]) == (False, None, False)
     assert test["vermagic"] == modinfo_field(ko, "vermagic")
-    assert test["vermagic"].startswith(release + " ")
+    assert test["vermagic"].startswith(kernel + " ")
     assert test["srcversion"] == modinfo_field(ko, "srcversion")
     assert test["taints"] == ["O", "E"]
 
@@ -974,37 +981,32 @@ def test_module_file_facts(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None
     assert stale["sha256"] == hashlib.sha256(loaded + b"rewritten").hexdigest()
 
 
-def second_load_in_flight() -> bool:
-    """mwtest's init is running with delay_ms=4000 (its parameters are in sysfs then)."""
-    try:
-        return Path("/sys/module/mwtest/parameters/delay_ms").read_text().strip() == "4000"
-    except OSError:
-        return False
-
-
 def test_a_reused_fd_number_does_not_lend_its_file_to_an_earlier_load(
     tmp_path: Path, mwload: str, mwtest_ko: Path
 ) -> None:
     first, second = tmp_path / "first.ko", tmp_path / "second.ko"
     first.write_bytes(mwtest_ko.read_bytes())
     second.write_bytes(mwtest_ko.read_bytes() + b"\0second")
-    out = tmp_path / "reuse.jsonl"
-    child = Child("capture", "-o", str(out))
+    out, trace = tmp_path / "reuse.jsonl", tmp_path / "reuse.trace"
+    child = Child("capture", "-o", str(out), "--save-trace", str(trace))
     child.instance()
     # The capture reads nothing while the loader loads the first file and opens the
-    # second with the same fd number, whose load then stays in flight.
+    # second with the same fd number, whose load then stays in flight until the capture
+    # has seen it.
     os.kill(child.pid, signal.SIGSTOP)
-    ops = ["finit", str(first), "", "delete", "mwtest", "finit", str(second), "delay_ms=4000"]
+    ops = ["finit", str(first), "", "delete", "mwtest", "finit", str(second), f"hold_ms={HOLD_MS}"]
     loader = subprocess.Popen([mwload, *ops, "delete", "mwtest"])
     try:
-        wait_until(second_load_in_flight, 60, "the second load in flight")
+        wait_until(held, 60, "the second load in flight")
     finally:
         os.kill(child.pid, signal.SIGCONT)
+    Releaser(trace, mwload, loads=1).done()
     assert loader.wait(timeout=120) == 0
-    wait_until(lambda: out.read_text().count("\n") >= 4, 60, "four records")
+    wait_until(lambda: out.read_text().count("\n") >= 5, 60, "four records and a marker")
     child.send_signal(signal.SIGINT)
     assert child.wait() == 0
-    load1, _, load2, _ = (json.loads(line) for line in out.read_text().splitlines())
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    load1, _, load2, _ = (r for r in records if r["module"] != MARKER)
     assert (load1["path"], load1["path_source"]) == (str(first), "kernel")
     assert load1["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
     assert load1["hash_source"] == "path"  # the fd held the second file by then

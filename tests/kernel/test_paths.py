@@ -8,7 +8,6 @@ names reach, and a Debian module under /lib/modules.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,9 +18,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from modwatch.capture import Capture, Options
-from modwatch.tracefile import CALLER
 
-from .helpers import script
+from .helpers import HOLD_MS, MARKER, Releaser, callers_seen, script
 
 pytestmark = pytest.mark.kernel
 
@@ -68,27 +66,26 @@ def paths(files: None, mwload: str, tmp_path_factory: pytest.TempPathFactory) ->
     ops += ["finit", str(LINK), "", "finit", str(LINK), "", "delete", "mwtest"]
     ops += ["unlinked", str(GONE), "", "delete", "mwtest"]
     ops += ["finit", str(EVIL), "", "delete", "mwtest"]
-    # The init sleeps: /proc is read while the call is in flight, to compare with (the
-    # reader may lag seconds behind the loader under emulation; by then the loader's fd
-    # number would hold the next file).
-    ops += ["finit", str(DEEP), "delay_ms=3000", "delete", "mwtest"]
-    ops += ["finit", str(SPACED), "delay_ms=3000", "delete", "mwtest"]
+    # These inits wait until the capture has handled their entries: /proc was read while
+    # the call was in flight, to compare with (however far the reader lags behind).
+    hold = f"hold_ms={HOLD_MS}"
+    ops += ["finit", str(DEEP), hold, "delete", "mwtest"]
+    ops += ["finit", str(SPACED), hold, "delete", "mwtest"]
     # Loads on 6.1; on 6.12 the .ko.xz fails (no MODULE_INIT_COMPRESSED_FILE flag) after
     # the kernel has read the file: either way the path was read.
     ops += ["finit", str(debian_module()), "", "delete", "nls_cp737"]
     trace = tmp / "paths.trace"
     with open(trace, "w", encoding="utf-8", errors="surrogateescape") as saved:
+        releaser = Releaser(trace, mwload, loads=2)
         cap = Capture(Options(command=script(tmp, [mwload, *ops]), save_trace=saved))
         records = list(cap.run())
+    markers = releaser.done()
     assert cap.stats.unparsed == 0
     assert cap.stats.command_status == 1  # the duplicate load fails, on purpose
     # The saved trace notes what /proc gave for each syscall entry, in order.
-    asked = [
-        json.loads(line.split(" ", 1)[1]).get("path")  # left out when None
-        for line in trace.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-        if line.startswith(CALLER)
-    ]
+    asked = [c.get("path") for c in callers_seen(trace) if c["tid"] not in markers]
     ops_records = [r for r in records if r["type"] in ("load", "unload")]
+    ops_records = [r for r in ops_records if r["module"] != MARKER]
     assert len(asked) == len(ops_records)
     loads = [r for r in ops_records if r["type"] == "load"]
     proc_paths = [path for r, path in zip(ops_records, asked, strict=True) if r["type"] == "load"]

@@ -2,7 +2,8 @@
 /*
  * mwtest: a module that does nothing but get loaded, for modwatch's kernel
  * tests. Its parameters let a test choose what a load looks like: a failing
- * init (fail), a string argument (note) and a slow init (delay_ms).
+ * init (fail), a string argument (note), a slow init (delay_ms) and an init
+ * that waits until the test lets it go on (hold_ms).
  *
  * mwtest_b.c builds the same code under a second name, so that a test can
  * have two distinct modules loaded at once.
@@ -26,11 +27,24 @@ static int delay_ms;
 module_param(delay_ms, int, 0444);
 MODULE_PARM_DESC(delay_ms, "milliseconds init sleeps before returning");
 
+/* Writable: the module's parameters are in sysfs while its init runs. */
+static int hold_ms;
+module_param(hold_ms, int, 0644);
+MODULE_PARM_DESC(hold_ms, "init waits until 0 is written to this parameter, at most hold_ms milliseconds");
+
 static int __init mwtest_init(void)
 {
-	pr_info("init note=\"%s\" fail=%d delay_ms=%d\n", note, fail, delay_ms);
+	int limit = hold_ms, waited = 0;
+
+	pr_info("init note=\"%s\" fail=%d delay_ms=%d hold_ms=%d\n", note, fail, delay_ms, hold_ms);
 	if (delay_ms > 0)
 		msleep(delay_ms);
+	while (READ_ONCE(hold_ms) > 0 && waited < limit) {
+		msleep(10);
+		waited += 10;
+	}
+	if (limit > 0)
+		pr_info("held %d ms%s\n", waited, waited < limit ? "" : ", not released");
 	return -fail;
 }
 
@@ -43,4 +57,4 @@ module_init(mwtest_init);
 module_exit(mwtest_exit);
 
 MODULE_LICENSE("GPL");
-MODULE_DESCRIPTION("modwatch test module: parameters fail, note, delay_ms");
+MODULE_DESCRIPTION("modwatch test module: parameters fail, note, delay_ms, hold_ms");
