@@ -153,9 +153,20 @@ def run_reader(reader: str, rate: int, calls: int, work: Path) -> dict[str, Any]
     return result
 
 
+def progress(text: str) -> None:
+    """A line on stderr (the test bed keeps it in the run's results as it is written)."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
 def guest(calls: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="modwatch-bench-"))
-    runs = [run_reader(r, rate, calls, work) for rate in RATES for r in READERS]
+    runs = []
+    for rate in RATES:
+        for reader in READERS:
+            started = time.monotonic()
+            runs.append(run_reader(reader, rate, calls, work))
+            runs[-1]["seconds"] = round(time.monotonic() - started, 1)
+            progress(f"{reader} at {rate or 'full'}/s: {runs[-1]}")
     bare = []
     for _ in range(3):
         started = time.monotonic()

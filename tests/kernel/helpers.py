@@ -8,6 +8,7 @@ makes are a shell script of mwload calls.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,26 +134,50 @@ def callers_seen(trace: Path) -> list[dict[str, Any]]:
     ]
 
 
+def stopped_loader(mwload: str) -> int | None:
+    """The pid of an mwload that stopped itself (its `stop` operation), if one has."""
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if stat[stat.rindex(")") + 2] == "T" and os.readlink(entry / "exe") == mwload:
+                return int(entry.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class Releaser(threading.Thread):
-    """Lets `loads` loads of mwtest made with hold_ms go on, one after another, once the
-    capture saving its trace to `trace` has handled everything each load did before its
-    init: while the init waits, a marker call (delete_module of MARKER, which fails) is
-    made, and the load goes on when the marker's entry is in the saved trace (events are
-    handled in order). However slow the guest, the capture has seen the load in flight.
+    """Lets `loads` waiting loaders go on, one after another, once the capture saving its
+    trace to `trace` has handled everything each did so far. A loader waits in mwtest's
+    init (loaded with hold_ms), or, with `stopped`, stopped after its call (mwload's
+    `stop`). While it waits, a marker call (delete_module of MARKER, which fails) is
+    made, and the loader goes on when the marker's entry is in the saved trace (events
+    are handled in order). However slow the guest, the capture has seen the loader's
+    call while the loader was still there.
 
     The markers are records too: `markers` holds their pids."""
 
-    def __init__(self, trace: Path, mwload: str, loads: int) -> None:
+    def __init__(self, trace: Path, mwload: str, loads: int, stopped: bool = False) -> None:
         super().__init__(daemon=True)
-        self.trace, self.mwload, self.loads = trace, mwload, loads
+        self.trace, self.mwload, self.loads, self.stopped = trace, mwload, loads, stopped
         self.markers: list[int] = []
         self.error: BaseException | None = None
         self.start()
 
+    def waiting(self) -> Callable[[], None] | None:
+        """What lets the waiting loader go on, once one waits."""
+        if not self.stopped:
+            return release if held() else None
+        pid = stopped_loader(self.mwload)
+        return None if pid is None else functools.partial(os.kill, pid, signal.SIGCONT)
+
     def run(self) -> None:
         try:
             for _ in range(self.loads):
-                wait_until(held, 120, "a load of mwtest held in its init")
+                deadline = time.monotonic() + 120
+                while (go := self.waiting()) is None:
+                    assert time.monotonic() < deadline, "not within 120 s: a loader waiting"
+                    time.sleep(0.2)
                 marker = subprocess.Popen(
                     [self.mwload, "delete", MARKER],
                     stdout=subprocess.DEVNULL,
@@ -164,7 +190,7 @@ class Releaser(threading.Thread):
                     120,
                     f"the marker call (pid {marker.pid}) in {self.trace}",
                 )
-                release()
+                go()
         except BaseException as err:  # reported by done()
             self.error = err
 

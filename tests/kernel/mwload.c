@@ -8,16 +8,18 @@
  *
  *   mwload [--comm NAME] [--uid UID] OP...
  *   OP: finit PATH PARAMS | finitc PATH PARAMS | unlinked PATH PARAMS | init PATH PARAMS
- *       | delete NAME | sleep MS | storm N
+ *       | delete NAME | sleep MS | stop | storm N
  *
  * `finitc` passes MODULE_INIT_COMPRESSED_FILE. `unlinked` opens PATH, unlinks it, then loads from the open file. `storm` makes N
  * finit_module(-1) calls, each failing with EBADF after the permission check, silently.
+ * `stop` stops mwload (SIGSTOP) until a test sends SIGCONT: its /proc stays readable.
  *
  * Exit status: 0 if every call returned 0, else 1; 2 for a usage error.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,6 +109,8 @@ int main(int argc, char **argv)
 			for (long n = atol(argv[i]); n > 0; n--)
 				syscall(SYS_finit_module, -1, "", 0);
 			i += 1;
+		} else if (!strcmp(op, "stop")) {
+			raise(SIGSTOP);
 		} else if (!strcmp(op, "sleep") && i < argc) {
 			struct timespec ts = { atoi(argv[i]) / 1000, (atoi(argv[i]) % 1000) * 1000000L };
 

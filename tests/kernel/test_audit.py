@@ -131,12 +131,16 @@ def test_sigkill_while_writing_the_state_and_two_runs_at_once(tmp_path: Path) ->
     assert audit_run(state)[0] == 0
     before = state.read_bytes()
 
+    def pausing() -> None:
+        """Until a run holding the lock has written its new state (a temporary file)."""
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".audit-") for p in state.parent.iterdir()):
+            assert time.monotonic() < deadline, "no temporary state file within 60 s"
+            time.sleep(0.2)
+
     # Killed after its new state is written, before the rename: the old state stays.
     child = Child("audit", "--state", str(state), setup=pause_before_rename(60))
-    deadline = time.monotonic() + 60
-    while not any(p.name.startswith(".audit-") for p in state.parent.iterdir()):
-        assert time.monotonic() < deadline, "no temporary state file within 60 s"
-        time.sleep(0.2)
+    pausing()
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert state.read_bytes() == before
@@ -150,12 +154,12 @@ def test_sigkill_while_writing_the_state_and_two_runs_at_once(tmp_path: Path) ->
 
     # Two runs at once: the second waits for the first's lock, then runs on its state.
     first = Child("audit", "--state", str(state), "--quiet", setup=pause_before_rename(3))
-    time.sleep(1)
+    pausing()
     second = Child("audit", "--state", str(state), "--quiet")
     assert (first.wait(), second.wait()) == (0, 0)
     # One that waits longer than the lock allows gives up with its own status.
     first = Child("audit", "--state", str(state), "--quiet", setup=pause_before_rename(30))
-    time.sleep(2)
+    pausing()
     second = Child("audit", "--state", str(state), "--quiet")
     assert second.wait() == 14
     assert "another audit holds" in second.rest_of_stderr()

@@ -856,27 +856,32 @@ def test_caller_facts_cgroup_ancestry_and_another_euid(
     cgroup.mkdir(exist_ok=True)
     ko = str(mwtest_ko)
     comm = 'a b"c\nd'
-    # Each loader sleeps after its call, so that /proc still has it when read.
+    # Each loader stops after its call until the capture has seen it: /proc still has it.
     in_cgroup = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
     command = script(
         tmp_path,
-        ["sh", "-c", in_cgroup, "sh", mwload, "--comm", comm, "finit", ko, "", "sleep", "3000"],
-        ["setpriv", "--euid=65534", mwload, "finit", ko, "", "sleep", "3000"],
+        ["sh", "-c", in_cgroup, "sh", mwload, "--comm", comm, "finit", ko, "", "stop"],
+        ["setpriv", "--euid=65534", mwload, "finit", ko, "", "stop"],
         [mwload, "delete", "mwtest"],
     )
-    out = tmp_path / "facts.jsonl"
-    child = Child("capture", "--no-hash", "-o", str(out), "--", *command)
+    out, trace = tmp_path / "facts.jsonl", tmp_path / "facts.trace"
+    releaser = Releaser(trace, mwload, loads=2, stopped=True)
+    child = Child(
+        "capture", "--no-hash", "-o", str(out), "--save-trace", str(trace), "--", *command
+    )
     try:
         assert child.wait() == 0  # the script's status: its last command's
+        releaser.done()
     finally:
         for pid in (cgroup / "cgroup.procs").read_text().split():
             os.kill(int(pid), signal.SIGKILL)
         wait_until(lambda: not (cgroup / "cgroup.procs").read_text(), 30, "cgroup empty")
         cgroup.rmdir()
-    loaded, refused, _ = (json.loads(line) for line in out.read_text().splitlines())
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    loaded, refused, _ = (r for r in records if r["module"] != MARKER)
     assert (loaded["comm"], loaded["ok"], loaded["proc_gone"]) == (comm, True, False)
     assert loaded["exe"] == mwload
-    assert loaded["cmdline"] == [mwload, "--comm", comm, "finit", ko, "", "sleep", "3000"]
+    assert loaded["cmdline"] == [mwload, "--comm", comm, "finit", ko, "", "stop"]
     assert loaded["cgroup"] == "/modwatch-test" and loaded["container"] is None
     ancestry = [a["pid"] for a in loaded["ancestry"]]
     assert child.pid in ancestry and ancestry[-1] == 1, loaded["ancestry"]
