@@ -19,20 +19,60 @@ from modwatch.probes import Arch
 PROCFS_PATH = "/proc"
 
 
-def read_status(tid: int, procfs: str = PROCFS_PATH) -> dict[str, str]:
-    """`/proc/TID/status` as a dict; empty when the thread is gone. /proc/TID exists for
-    every thread id, not only for process ids."""
+def read_bytes(path: str) -> bytes | OSError:
+    """A whole /proc file. os.open and os.read: a buffered file object costs more than
+    the read itself, for every caller of a flood of module calls."""
     try:
-        with open(f"{procfs}/{tid}/status", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        return err
+    try:
+        chunks = []
+        while chunk := os.read(fd, 8192):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as err:
+        return err
+    finally:
+        os.close(fd)
+
+
+STATUS_KEYS = ("Name", "Tgid", "PPid", "Uid")
+
+
+def read_status(tid: int, procfs: str = PROCFS_PATH) -> dict[str, str]:
+    """The fields of `/proc/TID/status` that modwatch uses (STATUS_KEYS); empty when
+    the thread is gone. /proc/TID exists for every thread id, not only for process ids.
+    Each field is found, not the whole file parsed: it has some 60 lines."""
+    data = read_bytes(f"{procfs}/{tid}/status")
+    if isinstance(data, OSError):
         return {}
+    data = b"\n" + data
     status = {}
-    for line in lines:
-        key, sep, value = line.partition(":")
-        if sep:
-            status[key] = value.strip()
+    for key in STATUS_KEYS:
+        label = b"\n" + key.encode() + b":"
+        at = data.find(label)
+        if at < 0:
+            continue
+        start = at + len(label)
+        end = data.find(b"\n", start)
+        status[key] = data[start : end if end >= 0 else None].strip().decode("utf-8", "replace")
     return status
+
+
+def read_stat(pid: int, procfs: str = PROCFS_PATH) -> tuple[str, int] | None:
+    """Name and parent pid from `/proc/PID/stat` (cheaper than status); None when gone.
+    The name is in parentheses and may itself hold any of ") (": the last ")" ends it."""
+    data = read_bytes(f"{procfs}/{pid}/stat")
+    if isinstance(data, OSError):
+        return None
+    try:
+        left, right = data.index(b"("), data.rindex(b")")
+        # After the name: state, ppid, ...
+        ppid = int(data[right + 2 :].split(maxsplit=2)[1])
+    except (ValueError, IndexError):
+        return None
+    return data[left + 1 : right].decode("utf-8", "replace"), ppid
 
 
 def fd_path(pid: int, fd: int, procfs: str = PROCFS_PATH) -> str | None:
@@ -80,14 +120,6 @@ MAX_ANCESTRY = 64  # a bound against a pid cycle read across races
 _CONTAINER = re.compile(r"(?:^|[-/])([0-9a-f]{64})(?:\.scope)?$")
 
 
-def _read(path: str) -> bytes | OSError:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as err:
-        return err
-
-
 def _why(err: OSError) -> str:
     return f"{err.strerror or err}"
 
@@ -107,11 +139,11 @@ def ancestry(ppid: int | None, procfs: str = PROCFS_PATH) -> list[dict[str, Any]
     chain: list[dict[str, Any]] = []
     pid = ppid
     while pid and len(chain) < MAX_ANCESTRY and all(a["pid"] != pid for a in chain):
-        status = read_status(pid, procfs)
-        if not status:
+        stat = read_stat(pid, procfs)
+        if stat is None:
             break
-        chain.append({"pid": pid, "name": status.get("Name")})
-        pid = int(status.get("PPid", "0") or 0)
+        chain.append({"pid": pid, "name": stat[0]})
+        pid = stat[1]
     return chain
 
 
@@ -138,7 +170,7 @@ def caller(tid: int, fd: int | None, procfs: str = PROCFS_PATH) -> Caller:
     reasons: dict[str, str] = {}
 
     loginuid: int | None = None
-    raw = _read(f"{base}/loginuid")
+    raw = read_bytes(f"{base}/loginuid")
     if isinstance(raw, OSError):
         reasons["loginuid"] = _why(raw)
     elif int(raw or LOGINUID_UNSET) == LOGINUID_UNSET:
@@ -153,14 +185,14 @@ def caller(tid: int, fd: int | None, procfs: str = PROCFS_PATH) -> Caller:
         reasons["exe"] = _why(err)
 
     cmdline: list[str] | None = None
-    raw = _read(f"{base}/cmdline")
+    raw = read_bytes(f"{base}/cmdline")
     if isinstance(raw, OSError):
         reasons["cmdline"] = _why(raw)
     else:
         cmdline = [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]] if raw else []
 
     cgroup: str | None = None
-    raw = _read(f"{base}/cgroup")
+    raw = read_bytes(f"{base}/cgroup")
     if isinstance(raw, OSError):
         reasons["cgroup"] = _why(raw)
     else:

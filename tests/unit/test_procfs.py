@@ -40,6 +40,10 @@ def status(name: str, tgid: int, pid: int, ppid: int, uid: str = "1000\t0\t0\t0"
     )
 
 
+def stat(name: str, pid: int, ppid: int) -> str:
+    return f"{pid} ({name}) S {ppid} {pid} {pid} 0 -1 4194560 1 0 0 0 0 0\n"
+
+
 @pytest.fixture
 def proc(tmp_path: Path) -> str:
     """Thread 1234 of process 1200 (insmod, in a container), which has fd 3 open on a
@@ -58,7 +62,7 @@ def proc(tmp_path: Path) -> str:
     (p / "cgroup").write_text(f"0::/system.slice/docker-{CONTAINER}.scope\n")
     for pid, name, ppid in ((1100, "bash", 1), (1, "init", 0)):
         (root / str(pid)).mkdir()
-        (root / str(pid) / "status").write_text(status(name, pid, pid, ppid, "0\t0\t0\t0"))
+        (root / str(pid) / "stat").write_text(stat(name, pid, ppid))
     return str(root)
 
 
@@ -81,13 +85,13 @@ def caller_1200(**changes: Any) -> Caller:
 
 
 def test_read_status(proc: str) -> None:
-    status = procfs.read_status(1234, proc)
-    assert status["Name"] == "insmod"
-    assert status["Tgid"] == "1200"
-    assert status["Uid"] == "1000\t0\t0\t0"
-    assert status["State"] == "R (running)"
-    assert status["Cpus_allowed_list"] == "0-3"
-    assert len(status) == 11
+    # Only the fields modwatch uses.
+    assert procfs.read_status(1234, proc) == {
+        "Name": "insmod",
+        "Tgid": "1200",
+        "PPid": "1100",
+        "Uid": "1000\t0\t0\t0",
+    }
 
 
 def test_read_status_of_a_gone_thread(proc: str) -> None:
@@ -96,8 +100,23 @@ def test_read_status_of_a_gone_thread(proc: str) -> None:
 
 def test_read_status_value_with_a_colon(tmp_path: Path) -> None:
     (tmp_path / "7").mkdir()
-    (tmp_path / "7" / "status").write_text("Name:\ta:b\nTgid:\t7\nno colon line\n")
-    assert procfs.read_status(7, str(tmp_path)) == {"Name": "a:b", "Tgid": "7"}
+    (tmp_path / "7" / "status").write_text("Name:\ta:b\nTgid:\t7\nno colon line\nPPid:\t1")
+    assert procfs.read_status(7, str(tmp_path)) == {"Name": "a:b", "Tgid": "7", "PPid": "1"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1100 (bash) S 1 1100 1100 0 -1 4194560\n", ("bash", 1)),
+        ("7 (a) (b)) R 5 7 7\n", ("a) (b)", 5)),  # the last ")" ends the name
+        ("7 (x", None),
+    ],
+)
+def test_read_stat(tmp_path: Path, text: str, expected: tuple[str, int] | None) -> None:
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "stat").write_text(text)
+    assert procfs.read_stat(7, str(tmp_path)) == expected
+    assert procfs.read_stat(8, str(tmp_path)) is None
 
 
 def test_fd_path(proc: str) -> None:
@@ -139,7 +158,7 @@ def test_caller_facts_that_cannot_be_had_say_why(proc: str) -> None:
     (p / "exe").unlink()
     (p / "cmdline").write_bytes(b"")  # a kernel thread, or a zombie
     (p / "cgroup").write_text("12:cpu,cpuacct:/user.slice\n")  # cgroup v1 only
-    (Path(proc) / "1" / "status").unlink()  # gone while the chain was read
+    (Path(proc) / "1" / "stat").unlink()  # gone while the chain was read
     assert procfs.caller(1234, 3, proc) == caller_1200(
         loginuid=None,
         exe=None,
@@ -156,7 +175,7 @@ def test_caller_facts_that_cannot_be_had_say_why(proc: str) -> None:
 
 
 def test_ancestry_stops_at_a_cycle(proc: str) -> None:
-    (Path(proc) / "1" / "status").write_text(status("init", 1, 1, 1100))
+    (Path(proc) / "1" / "stat").write_text(stat("init", 1, 1100))
     assert procfs.ancestry(1100, proc) == [
         {"pid": 1100, "name": "bash"},
         {"pid": 1, "name": "init"},
