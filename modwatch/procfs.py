@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -147,6 +148,40 @@ def ancestry(ppid: int | None, procfs: str = PROCFS_PATH) -> list[dict[str, Any]
     return chain
 
 
+ANCESTRY_TTL = 1.0  # seconds an ancestry read is reused for other calls with that parent
+ANCESTRY_CACHE_SIZE = 1024
+
+
+class AncestryCache:
+    """Ancestries by parent pid, each reused for ANCESTRY_TTL seconds: in a flood of
+    module calls from one process (any user can make one), its chain is read once a
+    second, not once a call. The chain is the parent's and its ancestors', the same for
+    every child of that parent; within the TTL a record may miss an ancestor's exit or
+    exec."""
+
+    def __init__(
+        self,
+        procfs: str = PROCFS_PATH,
+        ttl: float = ANCESTRY_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.procfs, self.ttl, self.clock = procfs, ttl, clock
+        self._chains: dict[int, tuple[float, list[dict[str, Any]]]] = {}
+
+    def __call__(self, ppid: int | None) -> list[dict[str, Any]]:
+        if not ppid:
+            return []
+        now = self.clock()
+        hit = self._chains.get(ppid)
+        if hit is not None and now - hit[0] < self.ttl:
+            return list(hit[1])
+        if len(self._chains) >= ANCESTRY_CACHE_SIZE:
+            self._chains.clear()
+        chain = ancestry(ppid, self.procfs)
+        self._chains[ppid] = (now, chain)
+        return list(chain)
+
+
 def fd_ino(pid: int, fd: int, procfs: str = PROCFS_PATH) -> int | None:
     """The inode number of the file behind a process's fd."""
     try:
@@ -155,7 +190,14 @@ def fd_ino(pid: int, fd: int, procfs: str = PROCFS_PATH) -> int | None:
         return None
 
 
-def caller(tid: int, fd: int | None, procfs: str = PROCFS_PATH) -> Caller:
+def caller(
+    tid: int,
+    fd: int | None,
+    procfs: str = PROCFS_PATH,
+    ancestors: Callable[[int | None], list[dict[str, Any]]] | None = None,
+) -> Caller:
+    """What /proc says of the thread's process now; `ancestors` (an AncestryCache) gives
+    its ancestry, else it is read here."""
     status = read_status(tid, procfs)
     pid = int(status["Tgid"]) if "Tgid" in status else None
     owner = pid if pid is not None else tid
@@ -214,7 +256,7 @@ def caller(tid: int, fd: int | None, procfs: str = PROCFS_PATH) -> Caller:
         cmdline=cmdline,
         cgroup=cgroup,
         container=container_id(cgroup) if cgroup else None,
-        ancestry=ancestry(ppid, procfs),
+        ancestry=ancestors(ppid) if ancestors is not None else ancestry(ppid, procfs),
         gone=False,
         reasons=reasons or None,
     )
@@ -233,6 +275,7 @@ class ProcEnricher:
         self.procfs = procfs
         self.record = record
         self.files = files or FileReader()
+        self.ancestors = AncestryCache(procfs)
 
     def module_file(self, request: FileRequest) -> Future[FileFacts]:
         """The loader's file, opened again through /proc while its call is in flight (the
@@ -248,7 +291,7 @@ class ProcEnricher:
         return self.files.start(own, r.path, r.wall_ns, r.ino)
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
-        facts = caller(tid, fd, self.procfs)
+        facts = caller(tid, fd, self.procfs, self.ancestors)
         if self.record is not None:
             self.record(tid, ts_us, facts)
         return facts

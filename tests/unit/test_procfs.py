@@ -255,3 +255,26 @@ def test_arm64_syscall_numbers() -> None:
         arm64.syscall_nr(s, False) for s in ("init_module", "delete_module", "finit_module")
     ] == [105, 106, 273]
     assert arm64.syscall_nr("finit_module", True) == 379
+
+
+def test_ancestry_cache_reuses_a_chain_for_its_ttl(proc: str) -> None:
+    now = [100.0]
+    cache = procfs.AncestryCache(proc, ttl=1.0, clock=lambda: now[0])
+    chain = [{"pid": 1100, "name": "bash"}, {"pid": 1, "name": "init"}]
+    assert cache(1100) == chain
+    (Path(proc) / "1100" / "stat").write_text(stat("zsh", 1100, 1))  # the parent exec'd
+    now[0] += 0.5
+    assert cache(1100) == chain  # within the TTL: as read
+    now[0] += 0.6
+    assert cache(1100) == [{"pid": 1100, "name": "zsh"}, {"pid": 1, "name": "init"}]
+    assert cache(None) == [] and cache(0) == []
+    assert cache(4242) == []  # gone: an empty chain, cached like any other
+
+
+def test_proc_enricher_reads_an_ancestry_once_per_ttl(proc: str) -> None:
+    enricher = procfs.ProcEnricher(proc)
+    enricher.ancestors.clock = lambda: 5.0  # no time passes
+    first = enricher.caller(1234, 1, None)
+    (Path(proc) / "1100" / "stat").unlink()
+    assert enricher.caller(1234, 2, None).ancestry == first.ancestry == caller_1200().ancestry
+    assert procfs.caller(1234, None, proc).ancestry == []  # read afresh without a cache
