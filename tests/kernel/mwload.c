@@ -12,7 +12,8 @@
  *
  * `finitc` passes MODULE_INIT_COMPRESSED_FILE. `unlinked` opens PATH, unlinks it, then loads from the open file. `storm` makes N
  * finit_module(-1) calls, each failing with EBADF after the permission check, silently.
- * `stop` stops mwload (SIGSTOP) until a test sends SIGCONT: its /proc stays readable.
+ * `stop` stops mwload (SIGSTOP) until a test sends SIGCONT: its /proc stays readable,
+ * with the last finit's file still open.
  *
  * Exit status: 0 if every call returned 0, else 1; 2 for a usage error.
  */
@@ -29,25 +30,38 @@
 #include <time.h>
 #include <unistd.h>
 
+/* mono_ns: CLOCK_MONOTONIC when the call had returned, for latency measurements. */
 static long report(const char *op, long ret)
 {
-	fprintf(stderr, "{\"op\": \"%s\", \"pid\": %d, \"ret\": %ld, \"errno\": %d}\n", op,
-		getpid(), ret, ret < 0 ? errno : 0);
+	int err = errno;
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	fprintf(stderr, "{\"op\": \"%s\", \"pid\": %d, \"ret\": %ld, \"errno\": %d, \"mono_ns\": %lld}\n",
+		op, getpid(), ret, ret < 0 ? err : 0, (long long)now.tv_sec * 1000000000LL + now.tv_nsec);
 	return ret;
 }
 
+/*
+ * The file of the last finit stays open until the next one opens its own (under the
+ * same fd number): a `stop` right after a finit leaves it readable through /proc.
+ */
+static int last_fd = -1;
+
 static long do_finit(const char *path, const char *params, int unlink_first, int flags)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int fd;
 	long ret;
 
+	if (last_fd >= 0)
+		close(last_fd);
+	fd = last_fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0 || (unlink_first && unlink(path) < 0)) {
 		perror(path);
 		exit(2);
 	}
 	ret = syscall(SYS_finit_module, fd, params, flags);
 	report("finit", ret);
-	close(fd);
 	return ret;
 }
 
