@@ -160,15 +160,19 @@ def loadable_in_sysfs(roots: Roots) -> set[str]:
 # trampolines (`[__builtin__ftrace]`), BPF programs (`[bpf]`).
 
 
+_KALLSYMS_MODULE = re.compile(r"\[([^\]\s]+)[^\]\n]*\]$", re.MULTILINE)
+
+
 def kallsyms_modules(roots: Roots) -> set[str]:
     """Modules that own symbols in /proc/kallsyms (`addr t name [module]`)."""
-    names = set()
-    for line in (_read(os.path.join(roots.proc, "kallsyms")) or "").splitlines():
-        if line.endswith("]") and "[" in line:
-            name = line[line.rindex("[") + 1 : -1].split()[0]
-            if not (name == "bpf" or name.startswith("__builtin__")):
-                names.add(name)
-    return names
+    # Found by one regular expression over the whole text: some 120,000 lines, nearly
+    # all of them the kernel's own, not looked at one by one.
+    text = _read(os.path.join(roots.proc, "kallsyms")) or ""
+    return {
+        name
+        for name in set(_KALLSYMS_MODULE.findall(text))
+        if not (name == "bpf" or name.startswith("__builtin__"))
+    }
 
 
 def snapshot(roots: Roots, release: str, hashing: bool = True) -> dict[str, Any]:
