@@ -58,6 +58,10 @@ OUTBOX_INTERVAL = 0.02
 # While idle, how often a session checks that its instance and probes are still there
 # (someone else may disable and remove them): a small read every few seconds.
 CHECK_INTERVAL = 5.0
+# The instance's ring buffer, unless --buffer-kb says: this many KiB in all, shared out
+# over the CPUs, or the kernel's default per CPU if that is larger. A burst of module
+# calls is held until the reader catches up; a larger burst overruns it (counted).
+BUFFER_BUDGET_KB = 32768
 # Clocks for the instance, in order of preference, with the matching clock of ours.
 _CLOCKS = (("mono", time.CLOCK_MONOTONIC), ("boot", time.CLOCK_BOOTTIME))
 
@@ -81,6 +85,7 @@ class Options:
     command: list[str] | None = None
     no_kprobes: bool = False  # tracepoints only, as on a kernel without kprobe events
     hashing: bool = True  # read each loaded module file (hash, signature, .modinfo)
+    buffer_kb: int | None = None  # the ring buffer per CPU; None: BUFFER_BUDGET_KB shared
 
 
 @dataclass
@@ -94,6 +99,15 @@ class Stats:
     missed: dict[str, int] = field(default_factory=dict)  # probe event -> hits the kernel missed
     command_status: int | None = None
     teardown_errors: list[str] = field(default_factory=list)
+    buffer_kb: int | None = None  # the instance's ring buffer per CPU, as the kernel has it
+    buffer_problem: str | None = None  # why the default size could not be had
+
+
+def _buffer_kb(text: str) -> int:
+    """buffer_size_kb: "1408", or "7 (expanded: 1408)" before the buffer is first used."""
+    if "expanded:" in text:
+        return int(text.split("expanded:", 1)[1].strip(" )\n"))
+    return int(text.split()[0])
 
 
 def _owner_alive(pid: int, procfs: str = PROCFS_PATH) -> bool:
@@ -379,6 +393,7 @@ class Capture:
         record_tgid = os.path.join(base, "options", "record-tgid")
         if fs.exists(record_tgid):
             self._best_effort(fs.write, record_tgid, "1")
+        self._size_buffer(fs, base)
         clock_name, clock_id = next(
             (c for c in _CLOCKS if c[0] in fs.read(base, "trace_clock").split()), _CLOCKS[0]
         )
@@ -407,6 +422,26 @@ class Capture:
         undo.callback(files.close)
         enricher: Enricher = ProcEnricher(record=writer.caller if writer else None, files=files)
         return fd, clock, Correlator(clock, enricher, _has_params_probe(probe_set))
+
+    def _size_buffer(self, fs: tracefs.Tracefs, base: str) -> None:
+        """Give the instance its ring buffer: --buffer-kb per CPU (an error if the kernel
+        refuses), else BUFFER_BUDGET_KB shared out (the kernel's default if refused)."""
+        path = os.path.join(base, "buffer_size_kb")
+        default = _buffer_kb(fs.read(path))
+        wanted = self.options.buffer_kb
+        size = wanted or max(default, BUFFER_BUDGET_KB // (os.cpu_count() or 1))
+        if size != default:
+            try:
+                fs.write(path, str(size))
+            except OSError as err:
+                if wanted is not None:
+                    raise ModwatchError(
+                        f"modwatch: the kernel refused a ring buffer of {wanted} KiB per CPU "
+                        f"({err.strerror}): choose a smaller --buffer-kb",
+                        ExitStatus.PROBE_REJECTED,
+                    ) from err
+                self.stats.buffer_problem = f"{size} KiB per CPU refused: {err.strerror}"
+        self.stats.buffer_kb = _buffer_kb(fs.read(path))
 
     def _remount_if_gone(self, fs: tracefs.Tracefs) -> None:
         """Teardown needs tracefs: if someone unmounted it, mount it again where only this

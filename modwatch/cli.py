@@ -157,6 +157,18 @@ def capture_command(
             "--no-hash skips the read, for a slow disk.",
         ),
     ] = True,
+    buffer_kb: Annotated[
+        int | None,
+        typer.Option(
+            "--buffer-kb",
+            min=1,
+            metavar="KIB",
+            help="The ring buffer of modwatch's instance, per CPU. Default: "
+            f"{capture.BUFFER_BUDGET_KB} KiB in all, shared out over the CPUs (or the "
+            "kernel's default per CPU, if larger). A burst of calls larger than the "
+            "buffer loses events, each counted and reported.",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the probe definitions and exit; touch nothing."),
@@ -223,6 +235,7 @@ def capture_command(
         command=command or None,
         no_kprobes=no_kprobes,
         hashing=hashing,
+        buffer_kb=buffer_kb,
     )
     cap = capture.Capture(options)
     cap.on_armed = _banner
@@ -274,7 +287,12 @@ def _summary(cap: capture.Capture) -> None:
         samples = "; ".join(repr(s) for s in stats.unparsed_samples)
         _err(f"modwatch: {stats.unparsed} lines of trace text could not be parsed: {samples}")
     if stats.lost:
-        _err(f"modwatch: {stats.lost} events lost in all (kernel buffer overruns)")
+        size = (
+            "" if stats.buffer_kb is None else f"; {stats.buffer_kb} KiB per CPU, see --buffer-kb"
+        )
+        _err(f"modwatch: {stats.lost} events lost in all (kernel buffer overruns{size})")
+    if stats.buffer_problem:
+        _err(f"modwatch: warning: kernel's default ring buffer kept: {stats.buffer_problem}")
     if stats.missed:
         each = ", ".join(f"{event} {count}" for event, count in stats.missed.items())
         _err(

@@ -598,16 +598,40 @@ def instance_losses(tracefs: Path, instance: str) -> int:
     return total
 
 
+def buffer_kb(tracefs: Path, instance: str | None = None) -> int:
+    """An instance's ring buffer per CPU (the top level's, without an instance), in KiB:
+    "1408", or "7 (expanded: 1408)" before the buffer is first used."""
+    base = tracefs if instance is None else tracefs / "instances" / instance
+    text = (base / "buffer_size_kb").read_text()
+    return int(text.split("expanded:")[-1].strip(" )\n"))
+
+
+def test_ring_buffer_size_default_and_refused(tmp_path: Path, tracefs: Path) -> None:
+    # The default: 32 MiB shared out over the CPUs, or the kernel's default if larger.
+    child = Child("capture", "-o", str(tmp_path / "default.jsonl"))
+    instance = child.instance()
+    cpus = os.cpu_count() or 1
+    assert buffer_kb(tracefs, instance) == max(buffer_kb(tracefs), capture.BUFFER_BUDGET_KB // cpus)
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0
+    # More than the machine has: a clear error, and nothing left behind.
+    child = Child("capture", "--buffer-kb", str(1 << 40), "-o", str(tmp_path / "huge.jsonl"))
+    assert child.wait() == ExitStatus.PROBE_REJECTED
+    stderr = child.rest_of_stderr()
+    assert "the kernel refused a ring buffer of 1099511627776 KiB per CPU" in stderr, stderr
+    assert not leftovers()
+
+
 def test_stalled_reader_reports_exactly_what_the_kernel_lost(
     tmp_path: Path, tracefs: Path, mwload: str
 ) -> None:
     out = tmp_path / "storm.jsonl"
-    child = Child("capture", "-o", str(out))
+    # A small buffer, then a burst far larger than it while the reader is stopped.
+    child = Child("capture", "--buffer-kb", "16", "-o", str(out))
     instance = child.instance()
+    assert buffer_kb(tracefs, instance) == 16
     os.kill(child.pid, signal.SIGSTOP)
     try:
-        # A small buffer, then a burst far larger than it while the reader is stopped.
-        (tracefs / "instances" / instance / "buffer_size_kb").write_text("16")
         subprocess.run([mwload, "storm", "1500"], check=True)
         lost_in_kernel = instance_losses(tracefs, instance)
     finally:

@@ -216,3 +216,10 @@ def test_module_file_facts_travel_in_a_saved_trace(tmp_path: Path) -> None:
         False,
     )
     assert all(r.get("sha256") is None for r in records[1:])
+
+
+@pytest.mark.parametrize(
+    ("text", "kb"), [("1408\n", 1408), ("7 (expanded: 1408)\n", 1408), ("16384\n", 16384)]
+)
+def test_buffer_size_as_tracefs_shows_it(text: str, kb: int) -> None:
+    assert capture._buffer_kb(text) == kb
