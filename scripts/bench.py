@@ -12,8 +12,11 @@ of the same probe set in an instance with the same buffer size: `modwatch captur
 file, `cat trace_pipe` to a file (the text interface's own limit), and `cat | awk`
 splitting the fields (how shell ftrace tools read it). For each: events written by the
 kernel and consumed by the reader (the instance's own counters), lost (overrun and
-dropped), what modwatch reported lost, CPU seconds and peak RSS of the reader. Also:
-`modwatch capture` start to armed against `python3 -c pass`, and CPU of an idle capture.
+dropped), what modwatch reported lost, CPU seconds and peak RSS of the reader. In the
+full-speed run, a real load of the test module between the two halves of the flood: was
+its record there, with all its fields? Also: `modwatch capture` start to armed against
+`python3 -c pass`; time from a load's syscall return to its record on stdout at a low
+rate (median, p99); CPU of an idle capture.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +108,11 @@ def start_modwatch(out: Path) -> tuple[subprocess.Popen[bytes], str, float]:
     return proc, banner.split("tracefs instance ", 1)[1].split(";", 1)[0], armed
 
 
+def storm_run(calls: int, rate: int) -> dict[str, Any]:
+    storm = subprocess.run([str(STORM), str(calls), str(rate)], capture_output=True, text=True)
+    return dict(json.loads(storm.stdout))
+
+
 def run_reader(reader: str, rate: int, calls: int, work: Path) -> dict[str, Any]:
     from modwatch.capture import Capture, Options
 
@@ -132,8 +141,14 @@ def run_reader(reader: str, rate: int, calls: int, work: Path) -> dict[str, Any]
                     ["pgrep", "-s", str(proc.pid)], capture_output=True, text=True
                 ).stdout.split()
             ]
-        storm = subprocess.run([str(STORM), str(calls), str(rate)], capture_output=True, text=True)
-        result["storm"] = json.loads(storm.stdout)
+        if rate == 0:
+            # A real load and unload in the middle of the flood's events.
+            first = storm_run(calls // 2, rate)
+            subprocess.run(REAL_LOAD, stderr=subprocess.DEVNULL, check=False)
+            second = storm_run(calls - calls // 2, rate)
+            result["storm"] = {k: round(first[k] + second[k], 3) for k in ("calls", "seconds")}
+        else:
+            result["storm"] = storm_run(calls, rate)
         wait_quiet(out)
         counters = instance_counters(instance)
         result["cpu_s"], result["peak_rss_kib"] = process_usage(pids)
@@ -143,6 +158,8 @@ def run_reader(reader: str, rate: int, calls: int, work: Path) -> dict[str, Any]
             records = [json.loads(line) for line in out.read_text().splitlines()]
             result["modwatch_lost"] = sum(r["count"] or 0 for r in records if r["type"] == "lost")
             result["records"] = sum(r["type"] == "load" for r in records)
+            if rate == 0:
+                result["real_load"] = real_load_seen(records)
         else:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
@@ -156,6 +173,72 @@ def run_reader(reader: str, rate: int, calls: int, work: Path) -> dict[str, Any]
 def progress(text: str) -> None:
     """A line on stderr (the test bed keeps it in the run's results as it is written)."""
     print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+MODULE_DIR = Path(os.environ.get("MODWATCH_TEST_MODULE_DIR", "/run/modwatch-testbed/modules"))
+MWLOAD = str(MODULE_DIR / "mwload")
+REAL_LOAD = [MWLOAD, "finit", str(MODULE_DIR / "mwtest.ko"), "note=real", "delete", "mwtest"]
+# A load record's fields that a load in a flood must still have.
+LOAD_FIELDS = ("pid", "comm", "module", "params", "path", "ret", "init_ret", "taints", "sha256")
+
+
+def real_load_seen(records: list[dict[str, Any]]) -> str:
+    """How the real load made in a flood was reported: "complete", "partial (missing:
+    ...)", or "missing"."""
+    loads = [r for r in records if r["type"] == "load" and r.get("module") == "mwtest"]
+    unloads = [r for r in records if r["type"] == "unload" and r.get("module") == "mwtest"]
+    if not loads:
+        return "missing"
+    missing = [key for key in LOAD_FIELDS if loads[0].get(key) is None]
+    if loads[0].get("params") != "note=real":
+        missing.append("params")
+    if not unloads:
+        missing.append("its unload")
+    return "complete" if not missing else f"partial (missing: {', '.join(missing)})"
+
+
+def latency(loads: int = 20, pause: float = 0.5) -> dict[str, Any]:
+    """Seconds from a load's (and unload's) syscall return, as mwload stamps it, to its
+    record read from `modwatch capture`'s stdout, at a low rate."""
+    proc = subprocess.Popen(
+        [str(PYTHON), "-m", "modwatch", "capture", "--format", "jsonl"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stderr.readline()  # the banner: armed
+    seen: dict[tuple[int, str], int] = {}
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            at = time.monotonic_ns()
+            record = json.loads(line)
+            if record["type"] in ("load", "unload"):
+                seen[(record["pid"], record["type"])] = at
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    returned: dict[tuple[int, str], int] = {}
+    for _ in range(loads):
+        run = subprocess.run(REAL_LOAD, capture_output=True, text=True, check=True)
+        for line in run.stderr.splitlines():
+            call = json.loads(line)
+            returned[(call["pid"], "load" if call["op"] == "finit" else "unload")] = call["mono_ns"]
+        time.sleep(pause)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    delays = sorted((seen[key] - at) / 1e9 for key, at in returned.items() if key in seen)
+    if not delays:
+        return {"samples": 0, "expected": len(returned)}
+    return {
+        "samples": len(delays),
+        "expected": len(returned),
+        "median_s": round(statistics.median(delays), 4),
+        "p99_s": round(delays[min(len(delays) - 1, round(0.99 * (len(delays) - 1)))], 4),
+    }
 
 
 def guest(calls: int) -> dict[str, Any]:
@@ -172,6 +255,8 @@ def guest(calls: int) -> dict[str, Any]:
         started = time.monotonic()
         subprocess.run(["python3", "-c", "pass"], check=True)
         bare.append(time.monotonic() - started)
+    result_latency = latency()
+    progress(f"latency: {result_latency}")
     # An idle capture for 30 s: its CPU time.
     proc, _, armed = start_modwatch(work / "idle.out")
     before, _ = process_usage([proc.pid])
@@ -187,6 +272,7 @@ def guest(calls: int) -> dict[str, Any]:
         "armed_s": [r["armed_s"] for r in runs if "armed_s" in r] + [armed],
         "idle_cpu_s_30s": round(after - before, 3),
         "idle_peak_rss_kib": idle_rss,
+        "latency": result_latency,
     }
 
 
@@ -244,6 +330,18 @@ def table(host: dict[str, Any], guest_result: dict[str, Any]) -> str:
                 f"{r['consumed'] / cat:>6.2f} {mw_lost!s:>7} {r['cpu_s']:>6.2f} "
                 f"{r['peak_rss_kib'] / 1024:>7.1f}MB"
             )
+    real = next(
+        r for r in guest_result["runs"] if r["reader"] == "modwatch" and r["rate"] == "full"
+    )
+    rows.append(f"a real load in the full-speed flood: {real.get('real_load')}")
+    lat = guest_result["latency"]
+    if lat["samples"]:
+        rows.append(
+            f"syscall return to record, {lat['samples']} of {lat['expected']} at 2/s: "
+            f"median {lat['median_s'] * 1000:.0f} ms, p99 {lat['p99_s'] * 1000:.0f} ms"
+        )
+    else:
+        rows.append(f"syscall return to record: none of {lat['expected']} records seen")
     armed = statistics.median(guest_result["armed_s"])
     bare = guest_result["python_c_pass_s"]
     rows += [
