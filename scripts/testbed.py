@@ -503,7 +503,8 @@ def boot(kernel: Kernel, command: str, timeout: float, stream: str | None = None
     booted once more. So is one whose kernel oopsed on an int3 (`Oops: int3`): under
     QEMU's multi-threaded TCG a Debian 6.12 kernel now and then runs into a breakpoint
     its own code patching (text_poke_bp) has already removed, in code modwatch does not
-    probe (`__schedule` of rcu_preempt, seen at boot and mid-run). Any other death, and
+    probe (`__schedule` of rcu_preempt, at boot and mid-run; `ttwu_do_activate` in an
+    idle CPU's interrupt, mid-run). Any other death, and
     a second one, is a failure: a crash modwatch caused would come back.
     """
     run = boot_once(kernel, command, timeout, stream)
