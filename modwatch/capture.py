@@ -430,18 +430,21 @@ class Capture:
         default = _buffer_kb(fs.read(path))
         wanted = self.options.buffer_kb
         size = wanted or max(default, BUFFER_BUDGET_KB // (os.cpu_count() or 1))
-        if size != default:
-            try:
-                fs.write(path, str(size))
-            except OSError as err:
-                if wanted is not None:
-                    raise ModwatchError(
-                        f"modwatch: the kernel refused a ring buffer of {wanted} KiB per CPU "
-                        f"({err.strerror}): choose a smaller --buffer-kb",
-                        ExitStatus.PROBE_REJECTED,
-                    ) from err
-                self.stats.buffer_problem = f"{size} KiB per CPU refused: {err.strerror}"
-        self.stats.buffer_kb = _buffer_kb(fs.read(path))
+        self.stats.buffer_kb = default
+        if size == default:
+            return
+        try:
+            fs.write(path, str(size))
+        except OSError as err:
+            if wanted is not None:
+                raise ModwatchError(
+                    f"modwatch: the kernel refused a ring buffer of {wanted} KiB per CPU "
+                    f"({err.strerror}): choose a smaller --buffer-kb",
+                    ExitStatus.PROBE_REJECTED,
+                ) from err
+            self.stats.buffer_problem = f"{size} KiB per CPU refused: {err.strerror}"
+            return
+        self.stats.buffer_kb = _buffer_kb(fs.read(path))  # as the kernel rounded it
 
     def _remount_if_gone(self, fs: tracefs.Tracefs) -> None:
         """Teardown needs tracefs: if someone unmounted it, mount it again where only this

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import pytest
 from typer.testing import CliRunner
 
-from modwatch import capture, cli
+from modwatch import capture, cli, probes, procfs
 from modwatch import tracefs as tracefs_mod
 from modwatch.capture import Capture, Options
 from modwatch.errors import ExitStatus, ModwatchError
@@ -599,12 +599,11 @@ def instance_losses(tracefs: Path, instance: str) -> int:
 
 
 def buffer_kb(tracefs: Path, instance: str | None = None) -> int:
-    """An instance's ring buffer per CPU (the top level's, without an instance), in KiB:
-    "1408", or "7 (expanded: 1408)" before the buffer is first used. The kernel rounds a
-    size up to whole pages, and shows the data they hold (4,080 bytes of 4,096 each)."""
+    """An instance's ring buffer per CPU (the top level's, without an instance), in KiB.
+    The kernel rounds a size up to whole pages, and shows the data they hold (4,080
+    bytes of 4,096 each)."""
     base = tracefs if instance is None else tracefs / "instances" / instance
-    text = (base / "buffer_size_kb").read_text()
-    return int(text.split("expanded:")[-1].strip(" )\n"))
+    return capture._buffer_kb((base / "buffer_size_kb").read_text())
 
 
 def test_ring_buffer_size_default_and_refused(tmp_path: Path, tracefs: Path) -> None:
@@ -679,11 +678,8 @@ def test_sigkill_at_any_point_leaves_only_what_the_next_session_removes(
 
 
 def in_finit_module(pid: int) -> bool:
-    """The process is inside finit_module (/proc/PID/syscall: the number first)."""
-    try:
-        return Path(f"/proc/{pid}/syscall").read_text().split(" ", 1)[0] == "313"
-    except OSError:
-        return False
+    """The process is inside finit_module (blocked in it, as /proc/PID/syscall says)."""
+    return procfs.syscall_nr(pid) == probes.current_arch().syscall_nr("finit_module", False)
 
 
 def test_returns_the_kernel_missed_make_incomplete_records_counted_by_kprobe_profile(
