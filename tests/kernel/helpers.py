@@ -1,9 +1,8 @@
 """Helpers of the kernel tests.
 
 A new interpreter costs seconds to tens of seconds in an emulated guest: modwatch's CLI
-runs in a fork of pytest (which has modwatch imported already, and what typer imports
-only when it parses a command line: pydantic), and the loads a test makes are a shell
-script of mwload calls.
+runs in a fork of pytest (which has modwatch imported already), and the loads a test
+makes are a shell script of mwload calls.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import typer._adapters  # noqa: F401  (imported by each fork's parse otherwise)
 
 from modwatch import cli
 from modwatch.tracefile import CALLER

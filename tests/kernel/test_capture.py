@@ -417,7 +417,7 @@ def test_closed_pipe_tears_down(mwload: str, mwtest_ko: Path) -> None:
 
 
 def test_not_root_is_a_clear_error() -> None:
-    # typer imports parts of itself and pydantic only while parsing: parse once as root,
+    # typer imports parts of itself only while parsing: parse once as root,
     # so that the child can still run the CLI once it has given root up (the venv's
     # interpreter lives under /root, which uid 65534 cannot read).
     assert CliRunner().invoke(cli.app, ["capture", "--help"]).exit_code == 0
