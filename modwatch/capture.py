@@ -176,7 +176,7 @@ def plan(fs: tracefs.Tracefs, group: str, kprobes: bool = True) -> ProbeSet:
     if not kprobes or not fs.exists("kprobe_events"):
         return _with_print_formats(fs, build_tracepoint_set(group, fs.has_tracepoint))
     functions = fs.available_functions()
-    kallsyms: set[str] | None = None
+    kallsyms: tracefs.Symbols | None = None
 
     def lookup(symbol: str) -> str | None:
         nonlocal kallsyms

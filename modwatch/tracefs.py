@@ -251,26 +251,46 @@ class Tracefs:
                 misses[fields[0]] = int(fields[2])
         return misses
 
-    def available_functions(self) -> set[str]:
-        """Names in available_filter_functions (`name` or `name [module]`)."""
+    def available_functions(self) -> Symbols:
+        """Names in available_filter_functions (`name` or `name [module]`); none if it
+        cannot be read."""
         try:
-            return {line.split(" ", 1)[0] for line in self.lines("available_filter_functions")}
+            with open(self.path("available_filter_functions"), "rb") as f:
+                text = f.read()
         except OSError:
-            return set()
+            text = b""
+        return Symbols(text, before=(b"\n",), after=(b"\n", b" "))
 
     def has_tracepoint(self, system: str, event: str) -> bool:
         return self.exists("events", system, event)
 
 
-def kallsyms_text_symbols(path: str = "/proc/kallsyms") -> set[str]:
-    """Names of text symbols (`t`/`T`) of the kernel proper (not modules)."""
-    names: set[str] = set()
+class Symbols:
+    """The names of a kernel symbol list, asked one at a time.
+
+    The list stays the text the kernel wrote: available_filter_functions has some 60,000
+    lines and /proc/kallsyms some 200,000, a capture asks about a dozen names, and
+    searching the text for each costs a fraction of building a set of every line (which
+    took seconds under emulation). A name matches between one of `before` and one of
+    `after`; every line of the text starts after a newline and ends with one.
+    """
+
+    def __init__(self, text: bytes, before: tuple[bytes, ...], after: tuple[bytes, ...]) -> None:
+        self._text = b"\n" + text + (b"" if text.endswith(b"\n") else b"\n")
+        self._around = [(b, a) for b in before for a in after]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            return False
+        encoded = name.encode("utf-8", "surrogateescape")
+        return any(b + encoded + a in self._text for b, a in self._around)
+
+
+def kallsyms_text_symbols(path: str = "/proc/kallsyms") -> Symbols:
+    """Text symbols (`t`/`T`) of the kernel proper (a module's lines end in `[module]`)."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 3 and parts[1] in ("t", "T"):
-                    names.add(parts[2])
+        with open(path, "rb") as f:
+            text = f.read()
     except OSError:
-        pass
-    return names
+        text = b""
+    return Symbols(text, before=(b" t ", b" T "), after=(b"\n",))

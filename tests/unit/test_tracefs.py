@@ -212,8 +212,20 @@ def test_has_group_sees_return_probes_with_maxactive(fake: Tracefs) -> None:
 
 
 def test_available_functions(fake: Tracefs, tmp_path: Path) -> None:
-    assert fake.available_functions() == {"load_module", "__x64_sys_finit_module", "mwtest_init"}
-    assert Tracefs(str(tmp_path / "none")).available_functions() == set()
+    functions = fake.available_functions()
+    for name in ("load_module", "__x64_sys_finit_module", "mwtest_init"):
+        assert name in functions, name
+    # Whole names only: not a part of one, nor the module column, nor spaces.
+    for name in ("load_modul", "oad_module", "_x64_sys_finit_module", "mwtest", "[mwtest]", ""):
+        assert name not in functions, name
+    assert "load_module\n__x64_sys_finit_module" not in functions
+    assert "load_module" not in Tracefs(str(tmp_path / "none")).available_functions()
+
+
+def test_available_functions_last_line_without_newline(fake: Tracefs) -> None:
+    Path(fake.path("available_filter_functions")).write_text("first\nlast")
+    functions = fake.available_functions()
+    assert "first" in functions and "last" in functions and "las" not in functions
 
 
 def test_has_tracepoint(fake: Tracefs) -> None:
@@ -328,16 +340,16 @@ def test_kallsyms_text_symbols(tmp_path: Path) -> None:
         "0000000000000000 T hidden_when_kptr_restrict\n"
         "garbage\n"
     )
-    assert tracefs.kallsyms_text_symbols(str(path)) == {
-        "_stext",
-        "load_module",
-        "__x64_sys_finit_module",
-        "hidden_when_kptr_restrict",
-    }
+    symbols = tracefs.kallsyms_text_symbols(str(path))
+    for name in ("_stext", "load_module", "__x64_sys_finit_module", "hidden_when_kptr_restrict"):
+        assert name in symbols, name
+    # Data, a module's function, part of a name, garbage: not the kernel's text.
+    for name in ("some_data", "rodata_thing", "mwtest_init", "load_modul", "garbage", "T"):
+        assert name not in symbols, name
 
 
 def test_kallsyms_missing(tmp_path: Path) -> None:
-    assert tracefs.kallsyms_text_symbols(str(tmp_path / "missing")) == set()
+    assert "load_module" not in tracefs.kallsyms_text_symbols(str(tmp_path / "missing"))
 
 
 def test_kprobe_misses(fake: Tracefs) -> None:
