@@ -10,8 +10,6 @@ a path whose file was modified after the load is marked stale.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import lzma
 import os
 import struct
@@ -67,7 +65,7 @@ def decompress(data: bytes, kind: str) -> bytes:
     elif kind == "gz":
         try:
             out = zlib.decompressobj(wbits=31).decompress(data, MAX_DECOMPRESSED)
-        except (zlib.error, gzip.BadGzipFile) as err:
+        except zlib.error as err:
             raise ValueError(f"gz: {err}") from err
     else:
         raise ValueError(f"{kind}-compressed: no decompressor in Python's standard library")
@@ -137,6 +135,8 @@ def inspect(data: bytes) -> FileFacts:
     for key in ("vermagic", "srcversion"):
         if elf is not None and key not in info and key not in reasons:
             reasons[key] = "not in .modinfo"
+    import hashlib  # here, in a worker thread: loading OpenSSL slows modwatch's start
+
     return FileFacts(
         sha256=hashlib.sha256(data).hexdigest(),
         size=len(data),

@@ -8,8 +8,8 @@ that `--dry-run` can show them and tests can check them without a kernel.
 
 from __future__ import annotations
 
+import os
 import platform
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -208,7 +208,7 @@ class ProbeSet:
 def new_group(pid: int) -> str:
     """A group name for one session: the pid finds leftovers of dead sessions, and the
     random part keeps event names unguessable for users who cannot read tracefs."""
-    return f"{GROUP_PREFIX}{pid}_{secrets.token_hex(5)}"
+    return f"{GROUP_PREFIX}{pid}_{os.urandom(5).hex()}"  # not secrets: it loads OpenSSL
 
 
 def _comm() -> tuple[FetchArg, FetchArg]:
