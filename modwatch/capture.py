@@ -407,7 +407,11 @@ class Capture:
         enables += [
             os.path.join(base, "events", t.system, t.event, "enable") for t in probe_set.tracepoints
         ]
-        self._enables = tuple(enables)
+        # What the instance's set_event lists while everything is armed (`SYSTEM:EVENT`).
+        self._armed = frozenset(
+            [f"{group}:{p.event}" for p in probe_set.probes]
+            + [f"{t.system}:{t.event}" for t in probe_set.tracepoints]
+        )
         for enable in enables:
             self._guard(fs.write, enable, "1")
 
@@ -467,13 +471,14 @@ class Capture:
 
     def _check_still_armed(self) -> None:
         """Raise if someone else removed this session's instance or probes, or disabled
-        its events: the kernel would say nothing, and the capture would see nothing."""
-        fs, probe_set = self._fs, self.probe_set
-        assert fs is not None and probe_set is not None and self.instance is not None
-        base = os.path.join("instances", self.instance)
+        its events: the kernel would say nothing, and the capture would see nothing.
+        One read while idle: the instance's set_event lists its enabled events (a
+        removed probe must have been disabled first)."""
+        fs = self._fs
+        assert fs is not None and self.instance is not None
         try:
-            gone = not fs.exists(base) or (probe_set.kprobes and not fs.has_group(probe_set.group))
-            gone = gone or any(fs.read(enable).strip() != "1" for enable in self._enables)
+            enabled = fs.read("instances", self.instance, "set_event").split()
+            gone = not self._armed.issubset(enabled)
         except OSError:
             gone = True
         if gone and not fs.exists("instances"):
@@ -646,7 +651,7 @@ class Capture:
     _saver: TraceWriter | None = None
     _signals: _Signals
     _fs: tracefs.Tracefs | None = None
-    _enables: tuple[str, ...] = ()  # the enable files _arm wrote 1 to
+    _armed: frozenset[str] = frozenset()  # this session's events, as set_event lists them
     _private_mount: str | None = None  # tracefs mounted again for teardown
     # Records on their way out: (record, its module file being read, wait until).
     _outbox: collections.deque[tuple[Record, Pending | None, float]]

@@ -531,14 +531,19 @@ def test_disk_full_keeps_whole_lines_and_tears_down(
     assert leftovers() == set()
 
 
-def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path) -> None:
+@pytest.mark.parametrize("undone", ["probes removed", "one tracepoint disabled"])
+def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path, undone: str) -> None:
     child = Child("capture")
     group = child.instance()
     fs = tracefs_mod.Tracefs(str(tracefs))
-    # What another root process could do: disable the session's events, remove its probes.
-    fs.write(f"instances/{group}/events/{group}/enable", "0")
-    for removal in fs.groups(group)[group]:
-        fs.remove_probe(removal, group)
+    # What another root process could do: disable the session's events, remove its probes;
+    # or disable one event in the session's instance.
+    if undone == "probes removed":
+        fs.write(f"instances/{group}/events/{group}/enable", "0")
+        for removal in fs.groups(group)[group]:
+            fs.remove_probe(removal, group)
+    else:
+        fs.write(f"instances/{group}/events/module/module_load/enable", "0")
     status, stderr = child.wait(timeout=120), child.rest_of_stderr()
     assert status == ExitStatus.TRACE_GONE, stderr
     assert "removed by someone else" in stderr and "Traceback" not in stderr
