@@ -21,6 +21,7 @@ import fnmatch
 import json
 import os
 import re
+import signal
 import socket
 import tempfile
 import time
@@ -35,8 +36,9 @@ STATE_VERSION = 1
 DOCUMENT_VERSION = 1
 DEFAULT_STATE = "/var/lib/modwatch/audit.json"
 LOCK_WAIT = 10.0  # seconds a run waits for an overlapping one before giving up
-# A test hook: seconds to pause after the new state is written, before it is renamed
-# into place (so that a test can SIGKILL the run right there).
+# A test hook: when set, a run stops itself (SIGSTOP) after the new state is written,
+# before it is renamed into place, so that a test can SIGKILL it right there, or let it
+# go on (SIGCONT) once it has seen what another run does meanwhile.
 PAUSE_BEFORE_RENAME = "MODWATCH_AUDIT_PAUSE_BEFORE_RENAME"
 TEMPORARY_PREFIX = ".audit-"
 
@@ -429,9 +431,8 @@ def save_state(path: str, state: dict[str, Any]) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        pause = os.environ.get(PAUSE_BEFORE_RENAME)
-        if pause:
-            time.sleep(float(pause))
+        if os.environ.get(PAUSE_BEFORE_RENAME):
+            os.kill(os.getpid(), signal.SIGSTOP)
         os.rename(temporary, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:

@@ -8,13 +8,13 @@ modules.dep). A writable overlay over the kernel's module directory puts it ther
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import pytest
 
 from modwatch import audit
 
-from .helpers import CHILDREN, Child
+from .helpers import CHILDREN, Child, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -118,29 +118,38 @@ def first_modules(document: dict[str, Any]) -> list[str]:
     return sorted(name for name in state["modules"] if name != "mwtest")
 
 
-def pause_before_rename(seconds: float) -> Any:
-    def setup() -> None:
-        os.environ[audit.PAUSE_BEFORE_RENAME] = str(seconds)
+def stop_before_rename() -> None:
+    os.environ[audit.PAUSE_BEFORE_RENAME] = "1"
 
-    return setup
+
+def stopped(child: Child) -> None:
+    """Until the run has written its new state and stopped itself before the rename."""
+    wait_until(lambda: proc_state(child.pid) == "T", 120, "the audit stopped before its rename")
+
+
+def proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+    return False
 
 
 def test_sigkill_while_writing_the_state_and_two_runs_at_once(tmp_path: Path) -> None:
     state = tmp_path / "state" / "audit.json"
     state.parent.mkdir()
+    lock = state.parent / "audit.json.lock"
     assert audit_run(state)[0] == 0
     before = state.read_bytes()
 
-    def pausing() -> None:
-        """Until a run holding the lock has written its new state (a temporary file)."""
-        deadline = time.monotonic() + 60
-        while not any(p.name.startswith(".audit-") for p in state.parent.iterdir()):
-            assert time.monotonic() < deadline, "no temporary state file within 60 s"
-            time.sleep(0.2)
-
     # Killed after its new state is written, before the rename: the old state stays.
-    child = Child("audit", "--state", str(state), setup=pause_before_rename(60))
-    pausing()
+    child = Child("audit", "--state", str(state), setup=stop_before_rename)
+    stopped(child)
+    assert any(p.name.startswith(audit.TEMPORARY_PREFIX) for p in state.parent.iterdir())
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert state.read_bytes() == before
@@ -153,15 +162,18 @@ def test_sigkill_while_writing_the_state_and_two_runs_at_once(tmp_path: Path) ->
     ]
 
     # Two runs at once: the second waits for the first's lock, then runs on its state.
-    first = Child("audit", "--state", str(state), "--quiet", setup=pause_before_rename(3))
-    pausing()
+    first = Child("audit", "--state", str(state), "--quiet", setup=stop_before_rename)
+    stopped(first)
     second = Child("audit", "--state", str(state), "--quiet")
+    wait_until(lambda: holds_open(second.pid, lock), 120, "the second audit at the lock")
+    first.send_signal(signal.SIGCONT)
     assert (first.wait(), second.wait()) == (0, 0)
     # One that waits longer than the lock allows gives up with its own status.
-    first = Child("audit", "--state", str(state), "--quiet", setup=pause_before_rename(30))
-    pausing()
+    first = Child("audit", "--state", str(state), "--quiet", setup=stop_before_rename)
+    stopped(first)
     second = Child("audit", "--state", str(state), "--quiet")
     assert second.wait() == 14
     assert "another audit holds" in second.rest_of_stderr()
+    first.send_signal(signal.SIGCONT)
     assert first.wait() == 0
     assert json.loads(state.read_text())["v"] == audit.STATE_VERSION
