@@ -227,7 +227,7 @@ def btf_offsets() -> tuple[Callable[[str], int | None], str]:
     lacks, or for every member without BTF), and a note saying where they came from."""
     types = kernel_btf(btf.VMLINUX)
     if isinstance(types, btf.BTFError):
-        return (lambda member: None), f"BTF: none ({types}): no offsets beyond stable ones"
+        return (lambda member: None), f"BTF: none ({types}): no struct offsets"
 
     def offset(member: str) -> int | None:
         try:

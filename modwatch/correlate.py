@@ -266,7 +266,7 @@ class Correlator:
             op.taints = list(str(f["taints"]))
         elif kind == "do_init_module":
             op.passed_permission = op.init_ran = op.past_params = True
-            op.module = _str(f["name"]) or op.module
+            op.module = _str(f.get("name")) or op.module
         elif kind == "do_init_module_ret":
             op.init_ret = _int(f["ret"])
         elif kind == "caller_cred":

@@ -97,7 +97,7 @@ CATALOGUE: tuple[RawEvent, ...] = (
     RawEvent(
         "do_init_module",
         "kprobe do_init_module",
-        (Arg("name", "string", ("K",), "module name (struct module.name)"),),
+        (Arg("name", "string", ("K", "OPT"), "module name (struct module.name, from BTF)"),),
         "the module's init is about to run (OPT)",
     ),
     RawEvent(

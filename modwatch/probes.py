@@ -18,9 +18,6 @@ from modwatch.errors import ExitStatus, ModwatchError
 
 GROUP_PREFIX = "modwatch_"
 
-# Offset of `name` in struct module (after `state` and `list`) on 64-bit kernels from
-# 4.x to 6.18 unless built with randstruct; used only when the kernel has no BTF.
-MODULE_NAME_OFFSET = 24
 CAP_SYS_MODULE = 16  # include/uapi/linux/capability.h
 
 
@@ -283,12 +280,15 @@ def build_probe_set(
             )
 
     a1, a2 = arch.func_args[0], arch.func_args[1]
+    # struct module's name has sat at 24 for years, but a randomized layout moves it:
+    # without BTF, do_init_module gives no name (find_module_all and module_load do).
     name_offset = offset("module.name")
+    init_args: tuple[FetchArg, ...] = ()
     if name_offset is None:
-        name_offset = MODULE_NAME_OFFSET
-        choices.append(f"module.name: offset {name_offset}, not read from BTF")
+        choices.append("module.name: not in BTF, no name from do_init_module")
     else:
         choices.append(f"module.name: offset {name_offset} (BTF)")
+        init_args = (FetchArg("name", f"+{name_offset}({a1})", "string"),)
     optional = (
         # load_module is reached only once the permission check has passed: a failure
         # after it is a failed load, not a refusal.
@@ -317,7 +317,7 @@ def build_probe_set(
             "do_init_module",
             "do_init_module",
             False,
-            (FetchArg("name", f"+{name_offset}({a1})", "string"),),
+            init_args,
             "whether the module's init ran",
         ),
         (

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import pytest
 from typer.testing import CliRunner
 
-from modwatch import capture, cli, probes, procfs
+from modwatch import btf, capture, cli, probes, procfs
 from modwatch import tracefs as tracefs_mod
 from modwatch.capture import Capture, Options
 from modwatch.errors import ExitStatus, ModwatchError
@@ -506,6 +506,29 @@ def test_tracepoints_only(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
     assert "O" in records[0]["taints"]
     assert records[0]["flags"] == [] and records[2]["flags"] == ["O_NONBLOCK"]
     assert {r["pid"] for r in records} == {records[0]["tid"]}
+    assert leftovers() == set()
+
+
+def without_btf() -> None:
+    """modwatch in this child finds no kernel BTF, as on a kernel built without it."""
+    btf.VMLINUX = "/nonexistent/vmlinux"
+    capture.kernel_btf.cache_clear()
+
+
+def test_without_btf_no_offset_is_guessed(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
+    # No struct offsets: no name fetched at do_init_module, no path or credentials from
+    # the kernel; the module's name, parameters and init result still come from it.
+    out = tmp_path / "nobtf.jsonl"
+    ops = ["finit", str(mwtest_ko), "note=x", "delete", "mwtest"]
+    child = Child("capture", "-o", str(out), "--", mwload, *ops, setup=without_btf)
+    assert child.wait() == 0, child.rest_of_stderr()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    got = [(r["syscall"], r["module"], r["ret"], r["params"], r["init_ret"]) for r in records]
+    assert got == [
+        ("finit_module", "mwtest", 0, "note=x", 0),
+        ("delete_module", "mwtest", 0, None, None),
+    ]
+    assert records[0]["path_source"] != "kernel" and records[0]["incomplete"] is None
     assert leftovers() == set()
 
 

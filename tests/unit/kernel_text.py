@@ -44,16 +44,20 @@ BTF_OFFSETS = {
 }
 
 
+# The BTF offsets the fixture's session used (it read no struct file or cred offsets).
+FIXTURE_OFFSETS = {"module.name": 24}
+
+
 def probe_set(
-    arch: str = "x86_64", group: str = GROUP, offsets: Mapping[str, int] | None = None
+    arch: str = "x86_64", group: str = GROUP, offsets: Mapping[str, int] = FIXTURE_OFFSETS
 ) -> ProbeSet:
-    """The probe set of a kernel with every symbol; with `offsets`, as if it had BTF."""
+    """The probe set of a kernel with every symbol and these BTF offsets ({}: no BTF)."""
     return probes.build_probe_set(
         group,
         probes.ARCHES[arch],
         lambda s: "available_filter_functions",
         lambda sys, ev: True,
-        (offsets or {}).get,
+        offsets.get,
     )
 
 

@@ -82,6 +82,17 @@ def load_events(tid: int = 244) -> list[Event]:
     ]
 
 
+def test_do_init_module_without_a_name_keeps_the_one_found() -> None:
+    # Without BTF, do_init_module fetches no name: the record has find_module_all's.
+    events = [
+        ev("do_init_module", e.tid, e.ts_us) if e.kind == "do_init_module" else e
+        for e in load_events()
+        if e.kind != "module_load"
+    ]
+    [record] = feed(Correlator(CLOCK), events)
+    assert (record["module"], record["init_ret"], record["ok"]) == ("mwtest", 0, True)
+
+
 def test_successful_load() -> None:
     enricher = FakeEnricher({244: Caller(244, 0, "/lib/modules/mwtest.ko")})
     correlator = Correlator(CLOCK, enricher)

@@ -62,6 +62,14 @@ def test_x86_64_syscall_probes() -> None:
     )
 
 
+def test_without_btf_do_init_module_fetches_no_name() -> None:
+    # struct module's name moves under a randomized layout: no offset is guessed.
+    probe_set = kt.probe_set("x86_64", offsets={})
+    assert definitions(probe_set)["do_init_module"] == f"p:{E}_do_init_module do_init_module"
+    assert "module.name: not in BTF, no name from do_init_module" in probe_set.choices
+    assert "module.name: offset 24 (BTF)" in kt.probe_set("x86_64").choices
+
+
 def test_x86_64_kernel_side_probes() -> None:
     defs = definitions(kt.probe_set("x86_64"))
     assert defs["load_module"] == f"p:{E}_load_module load_module"
