@@ -422,7 +422,7 @@ class Capture:
         if self.options.save_trace is not None:
             writer = TraceWriter(self.options.save_trace, probe_set, clock.offset_us)
         self._saver = writer
-        files = FileReader(hashing=self.options.hashing)
+        files = self._files = FileReader(hashing=self.options.hashing)
         undo.callback(files.close)
         enricher: Enricher = ProcEnricher(record=writer.caller if writer else None, files=files)
         return fd, clock, Correlator(clock, enricher, _has_params_probe(probe_set))
@@ -516,6 +516,8 @@ class Capture:
         pidfd = -1
         if self.on_armed is not None:
             self.on_armed(self)
+        if self._files is not None:
+            self._files.prepare()  # armed: now the workers, before any load needs them
         if opts.command:
             try:
                 child = subprocess.Popen(opts.command)
@@ -651,6 +653,7 @@ class Capture:
     _saver: TraceWriter | None = None
     _signals: _Signals
     _fs: tracefs.Tracefs | None = None
+    _files: FileReader | None = None
     _armed: frozenset[str] = frozenset()  # this session's events, as set_event lists them
     _private_mount: str | None = None  # tracefs mounted again for teardown
     # Records on their way out: (record, its module file being read, wait until).

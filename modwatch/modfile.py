@@ -10,6 +10,7 @@ a path whose file was modified after the load is marked stale.
 
 from __future__ import annotations
 
+import importlib
 import lzma
 import os
 import struct
@@ -135,7 +136,7 @@ def inspect(data: bytes) -> FileFacts:
     for key in ("vermagic", "srcversion"):
         if elf is not None and key not in info and key not in reasons:
             reasons[key] = "not in .modinfo"
-    import hashlib  # here, in a worker thread: loading OpenSSL slows modwatch's start
+    import hashlib  # here, in a worker (FileReader.prepare): OpenSSL slows modwatch's start
 
     return FileFacts(
         sha256=hashlib.sha256(data).hexdigest(),
@@ -220,9 +221,18 @@ class FileReader:
             return done(
                 FileFacts(in_tree=tree, reasons=dict.fromkeys(READ_KEYS, "not read: --no-hash"))
             )
+        return self._workers().submit(_read, fd, path, wall_ns, tree, ino)
+
+    def prepare(self) -> None:
+        """Start the workers and load what hashing needs (OpenSSL) now, not at the first
+        load, whose record waits for its file at most a few seconds."""
+        if self.hashing:
+            self._workers().submit(importlib.import_module, "hashlib")
+
+    def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="modwatch-file")
-        return self._pool.submit(_read, fd, path, wall_ns, tree, ino)
+        return self._pool
 
     def close(self) -> None:
         if self._pool is not None:

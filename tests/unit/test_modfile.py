@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import lzma
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -168,6 +170,28 @@ def test_reader_by_path_marks_a_file_changed_after_the_load(tmp_path: Path) -> N
     assert gone.sha256 is None and gone.reasons is not None
     assert gone.reasons["sha256"].startswith(f"reading {tmp_path}/gone.ko: No such file")
     assert unknown.reasons == {"sha256": "the loader's file was closed and its path is unknown"}
+
+
+def test_prepare_loads_hashlib_in_a_worker_only_when_hashing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    imported: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        importlib,
+        "import_module",
+        lambda name: imported.append((name, threading.current_thread().name)),
+    )
+    reader, idle = FileReader(workers=1), FileReader(hashing=False)
+    try:
+        reader.prepare()
+        idle.prepare()
+        reader._workers().submit(lambda: None).result(timeout=10)  # after prepare's job
+    finally:
+        reader.close()
+    assert idle._pool is None
+    assert [(name, thread.startswith("modwatch-file")) for name, thread in imported] == [
+        ("hashlib", True)
+    ]
 
 
 def test_no_hash_reads_nothing_but_says_where_the_file_is(tmp_path: Path) -> None:
