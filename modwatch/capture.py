@@ -373,6 +373,10 @@ class Capture:
     def _arm(self, undo: contextlib.ExitStack) -> tuple[int, TraceClock, Correlator]:
         fs = self._fs = open_tracefs()
         undo.callback(self._release_private_mount)
+        # The file workers load OpenSSL while this thread waits on the kernel's setup.
+        files = FileReader(hashing=self.options.hashing)
+        undo.callback(files.close)
+        files.prepare()
         self.leftovers = remove_leftovers(fs)
         group = new_group(os.getpid())
         probe_set = self.probe_set = plan(fs, group, not self.options.no_kprobes)
@@ -422,8 +426,6 @@ class Capture:
         if self.options.save_trace is not None:
             writer = TraceWriter(self.options.save_trace, probe_set, clock.offset_us)
         self._saver = writer
-        files = self._files = FileReader(hashing=self.options.hashing)
-        undo.callback(files.close)
         enricher: Enricher = ProcEnricher(record=writer.caller if writer else None, files=files)
         return fd, clock, Correlator(clock, enricher, _has_params_probe(probe_set))
 
@@ -516,8 +518,6 @@ class Capture:
         pidfd = -1
         if self.on_armed is not None:
             self.on_armed(self)
-        if self._files is not None:
-            self._files.prepare()  # armed: now the workers, before any load needs them
         if opts.command:
             try:
                 child = subprocess.Popen(opts.command)
@@ -653,7 +653,6 @@ class Capture:
     _saver: TraceWriter | None = None
     _signals: _Signals
     _fs: tracefs.Tracefs | None = None
-    _files: FileReader | None = None
     _armed: frozenset[str] = frozenset()  # this session's events, as set_event lists them
     _private_mount: str | None = None  # tracefs mounted again for teardown
     # Records on their way out: (record, its module file being read, wait until).

@@ -136,7 +136,7 @@ def inspect(data: bytes) -> FileFacts:
     for key in ("vermagic", "srcversion"):
         if elf is not None and key not in info and key not in reasons:
             reasons[key] = "not in .modinfo"
-    import hashlib  # here, in a worker (FileReader.prepare): OpenSSL slows modwatch's start
+    import hashlib  # here, in a worker (FileReader.prepare): OpenSSL is slow to load
 
     return FileFacts(
         sha256=hashlib.sha256(data).hexdigest(),
