@@ -134,12 +134,18 @@ def callers_seen(trace: Path) -> list[dict[str, Any]]:
     ]
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the task name (which may hold spaces and parentheses):
+    the state first (`T` when stopped), utime and stime at 11 and 12."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def stopped_loader(mwload: str) -> int | None:
     """The pid of an mwload that stopped itself (its `stop` operation), if one has."""
     for entry in Path("/proc").iterdir():
         try:
-            stat = (entry / "stat").read_text()
-            if stat[stat.rindex(")") + 2] == "T" and os.readlink(entry / "exe") == mwload:
+            if stat_fields(entry.name)[0] == "T" and os.readlink(entry / "exe") == mwload:
                 return int(entry.name)
         except (OSError, ValueError):
             continue

@@ -23,7 +23,7 @@ import pytest
 
 from modwatch import audit
 
-from .helpers import CHILDREN, Child, wait_until
+from .helpers import CHILDREN, Child, stat_fields, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -124,11 +124,7 @@ def stop_before_rename() -> None:
 
 def stopped(child: Child) -> None:
     """Until the run has written its new state and stopped itself before the rename."""
-    wait_until(lambda: proc_state(child.pid) == "T", 120, "the audit stopped before its rename")
-
-
-def proc_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    wait_until(lambda: stat_fields(child.pid)[0] == "T", 120, "the audit stopped before its rename")
 
 
 def holds_open(pid: int, path: Path) -> bool:

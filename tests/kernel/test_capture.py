@@ -28,7 +28,18 @@ from modwatch import tracefs as tracefs_mod
 from modwatch.capture import Capture, Options
 from modwatch.errors import ExitStatus, ModwatchError
 
-from .helpers import CHILDREN, HOLD_MS, MARKER, Child, Releaser, held, release, script, wait_until
+from .helpers import (
+    CHILDREN,
+    HOLD_MS,
+    MARKER,
+    Child,
+    Releaser,
+    held,
+    release,
+    script,
+    stat_fields,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -336,8 +347,7 @@ def capture_child(out: Path) -> Child:
 
 def cpu_seconds(pid: int) -> float:
     """User and system time of a process, from /proc/PID/stat (fields 14 and 15)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
