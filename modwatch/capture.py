@@ -37,15 +37,18 @@ from modwatch.correlate import (
     apply_file_facts,
 )
 from modwatch.errors import ExitStatus, ModwatchError
+from modwatch.merge import ALL, MAIN, RARE, Merge
 from modwatch.modfile import FileFacts, FileReader
-from modwatch.parser import Event, Lost, Parser, Unparsed, tracepoint_note
+from modwatch.parser import Event, Item, Lost, Parser, tracepoint_note
 from modwatch.probes import (
     GROUP_PREFIX,
     ProbeSet,
+    ProbeSpec,
     build_probe_set,
     build_tracepoint_set,
     current_arch,
     new_group,
+    rare_instance,
 )
 from modwatch.procfs import PROCFS_PATH, ProcEnricher, in_call_checker
 from modwatch.tracefile import SavedTrace, TraceWriter
@@ -55,6 +58,9 @@ READ_SIZE = 1 << 16
 # and how often the reader looks while one waits.
 FILE_WAIT = 2.0
 OUTBOX_INTERVAL = 0.02
+# How old an event must be (by the trace clock) before it is put in order with the other
+# instance's: events are written with the time they began, and committed a moment later.
+MERGE_MARGIN_US = 50_000
 # While idle, how often a session checks that its instance and probes are still there
 # (someone else may disable and remove them): a small read every few seconds.
 CHECK_INTERVAL = 5.0
@@ -292,6 +298,9 @@ class Capture:
         self.leftovers: list[str] = []
         self.on_armed: Callable[[Capture], None] | None = None
         self._outbox = collections.deque()
+        self._armed = {}
+        self._fds = []
+        self._merge = Merge()
 
     # -- records from a saved trace ---------------------------------------------------
 
@@ -304,10 +313,16 @@ class Capture:
         correlator = Correlator(
             TraceClock(saved.clock_offset_us), saved, _has_params_probe(saved.probe_set)
         )
+        # The rare instance's text is small: all of it is read first, then merged in.
+        merge = Merge()
+        rare = Parser(saved.probe_set.by_event())
+        for text in saved.rare_chunks:
+            merge.add(RARE, rare.feed(text) + rare.flush())
         parser = Parser(saved.probe_set.by_event())
         emitted = 0
         for chunk in [*saved.chunks(), None]:
-            items = parser.feed(chunk) if chunk is not None else parser.flush()
+            merge.add(MAIN, parser.feed(chunk) if chunk is not None else parser.flush())
+            items = merge.release(ALL, (chunk is None, True))
             for record in self._records(items, correlator):
                 yield record
                 emitted += record["type"] != "lost"
@@ -362,15 +377,15 @@ class Capture:
         signals = self._signals = _Signals()
         try:
             with contextlib.ExitStack() as undo:
-                fd, clock, correlator = self._arm(undo)
+                correlator = self._arm(undo)
                 signals.deferred = True
-                yield from self._delivered(self._read(fd, clock, correlator))
+                yield from self._delivered(self._read(correlator))
         except Stop:
             pass  # a signal came during setup: what was set up is torn down
         finally:
             signals.restore()
 
-    def _arm(self, undo: contextlib.ExitStack) -> tuple[int, TraceClock, Correlator]:
+    def _arm(self, undo: contextlib.ExitStack) -> Correlator:
         fs = self._fs = open_tracefs()
         undo.callback(self._release_private_mount)
         # The file workers load OpenSSL while this thread waits on the kernel's setup.
@@ -387,47 +402,60 @@ class Capture:
             undo.callback(self._best_effort, fs.remove_probe, spec.removal(), group)
             self._guard(fs.add_probe, spec.definition())
 
-        self.instance = group
-        undo.callback(self._best_effort, fs.remove_instance, group)
-        self._guard(fs.make_instance, group)
-        undo.callback(self._remount_if_gone, fs)
-        base = os.path.join("instances", group)
-        # The caller's pid as the kernel knew it, in a `(TGID)` column: the caller may
-        # have exited before /proc can be asked. An option of this instance only.
-        record_tgid = os.path.join(base, "options", "record-tgid")
-        if fs.exists(record_tgid):
-            self._best_effort(fs.write, record_tgid, "1")
-        self._size_buffer(fs, base)
-        clock_name, clock_id = next(
-            (c for c in _CLOCKS if c[0] in fs.read(base, "trace_clock").split()), _CLOCKS[0]
-        )
-        self._guard(fs.write, os.path.join(base, "trace_clock"), clock_name)
+        # Two instances: the rare events in one whose buffer no flood of failing calls
+        # can overrun (probes.RARE_KINDS), everything else in the main one.
+        self.instance, rare = group, rare_instance(group)
+        clock_name, clock_id = _CLOCKS[0]
+        for name in (group, rare):
+            undo.callback(self._best_effort, fs.remove_instance, name)
+            self._guard(fs.make_instance, name)
+            base = os.path.join("instances", name)
+            # The caller's pid as the kernel knew it, in a `(TGID)` column: the caller may
+            # have exited before /proc can be asked. An option of this instance only.
+            record_tgid = os.path.join(base, "options", "record-tgid")
+            if fs.exists(record_tgid):
+                self._best_effort(fs.write, record_tgid, "1")
+            if name == group:
+                self._size_buffer(fs, base)
+                clock_name, clock_id = next(
+                    (c for c in _CLOCKS if c[0] in fs.read(base, "trace_clock").split()),
+                    _CLOCKS[0],
+                )
+            self._guard(fs.write, os.path.join(base, "trace_clock"), clock_name)
+        undo.callback(self._remount_if_gone, fs)  # runs first: both removals need tracefs
+        self._clock_id = clock_id
         clock = TraceClock(time.time_ns() // 1000 - time.clock_gettime_ns(clock_id) // 1000)
-        for spec in probe_set.probes:
-            if spec.filter is not None:
-                filter_path = os.path.join(base, "events", group, spec.event, "filter")
-                self._guard(fs.write, filter_path, spec.filter)
-        enables = [os.path.join(base, "events", group, "enable")] if probe_set.kprobes else []
-        enables += [
-            os.path.join(base, "events", t.system, t.event, "enable") for t in probe_set.tracepoints
-        ]
-        # What the instance's set_event lists while everything is armed (`SYSTEM:EVENT`).
-        self._armed = frozenset(
-            [f"{group}:{p.event}" for p in probe_set.probes]
-            + [f"{t.system}:{t.event}" for t in probe_set.tracepoints]
-        )
+
+        # What each instance's set_event lists while everything is armed (`SYSTEM:EVENT`).
+        armed: dict[str, frozenset[str]] = {}
+        enables = []
+        for name, specs in zip((group, rare), probe_set.split(), strict=True):
+            base = os.path.join("instances", name, "events")
+            events = [
+                (group, e.event) if isinstance(e, ProbeSpec) else (e.system, e.event) for e in specs
+            ]
+            armed[name] = frozenset(f"{system}:{event}" for system, event in events)
+            enables += [os.path.join(base, system, event, "enable") for system, event in events]
+            for each in specs:
+                if isinstance(each, ProbeSpec) and each.filter is not None:
+                    filter_path = os.path.join(base, group, each.event, "filter")
+                    self._guard(fs.write, filter_path, each.filter)
+        self._armed = armed
         for enable in enables:
             self._guard(fs.write, enable, "1")
 
-        fd = os.open(fs.path(base, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
-        undo.callback(os.close, fd)
+        for name in (group, rare):
+            fd = os.open(fs.path("instances", name, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
+            undo.callback(os.close, fd)
+            self._fds.append(fd)
+        self._parsers = (Parser(probe_set.by_event()), Parser(probe_set.by_event()))
 
         writer = None
         if self.options.save_trace is not None:
             writer = TraceWriter(self.options.save_trace, probe_set, clock.offset_us)
         self._saver = writer
         enricher: Enricher = ProcEnricher(record=writer.caller if writer else None, files=files)
-        return fd, clock, Correlator(clock, enricher, _has_params_probe(probe_set))
+        return Correlator(clock, enricher, _has_params_probe(probe_set))
 
     def _size_buffer(self, fs: tracefs.Tracefs, base: str) -> None:
         """Give the instance its ring buffer: --buffer-kb per CPU (an error if the kernel
@@ -474,13 +502,15 @@ class Capture:
     def _check_still_armed(self) -> None:
         """Raise if someone else removed this session's instance or probes, or disabled
         its events: the kernel would say nothing, and the capture would see nothing.
-        One read while idle: the instance's set_event lists its enabled events (a
+        One read per instance while idle: its set_event lists its enabled events (a
         removed probe must have been disabled first)."""
         fs = self._fs
-        assert fs is not None and self.instance is not None
+        assert fs is not None
         try:
-            enabled = fs.read("instances", self.instance, "set_event").split()
-            gone = not self._armed.issubset(enabled)
+            gone = any(
+                not events.issubset(fs.read("instances", name, "set_event").split())
+                for name, events in self._armed.items()
+            )
         except OSError:
             gone = True
         if gone and not fs.exists("instances"):
@@ -491,8 +521,9 @@ class Capture:
             )
         if gone:
             raise ModwatchError(
-                f"modwatch: tracefs instance {self.instance} or its probes were disabled or "
-                "removed by someone else; nothing more can be captured: start modwatch again",
+                f"modwatch: tracefs instances {', '.join(self._armed)} or their probes were "
+                "disabled or removed by someone else; nothing more can be captured: start "
+                "modwatch again",
                 ExitStatus.TRACE_GONE,
             )
 
@@ -507,12 +538,12 @@ class Capture:
                 ExitStatus.PROBE_REJECTED,
             ) from err
 
-    def _read(self, fd: int, clock: TraceClock, correlator: Correlator) -> Iterator[Record | None]:
+    def _read(self, correlator: Correlator) -> Iterator[Record | None]:
         opts = self.options
         assert self.probe_set is not None
-        parser = Parser(self.probe_set.by_event())
         poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        for fd in self._fds:
+            poller.register(fd, select.POLLIN)
         poller.register(self._signals.wakeup_fd, select.POLLIN)
         child: subprocess.Popen[bytes] | None = None
         pidfd = -1
@@ -533,13 +564,14 @@ class Capture:
         emitted = 0
         try:
             while True:
-                timeout = CHECK_INTERVAL if not self._outbox else OUTBOX_INTERVAL
+                waiting = self._outbox or self._merge.held()
+                timeout = OUTBOX_INTERVAL if waiting else CHECK_INTERVAL
                 if deadline is not None:
                     timeout = min(timeout, max(0, deadline - time.monotonic()))
                 ready = poller.poll(timeout * 1000)
-                if not ready and not self._outbox:
+                if not ready and not waiting:
                     self._check_still_armed()
-                records = self._drain(fd, parser, correlator)
+                records = self._drain(correlator)
                 if time.monotonic() >= next_sweep:
                     swept = self._wanted_only(correlator.sweep(in_call))
                     records = itertools.chain(records, swept)
@@ -553,7 +585,7 @@ class Capture:
                 if child is not None and any(r[0] == pidfd for r in ready):
                     self.stats.command_status = child.wait()
                     # Its events were written before it exited: read what is left.
-                    yield from self._drain(fd, parser, correlator)
+                    yield from self._drain(correlator)
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
@@ -574,7 +606,7 @@ class Capture:
         # Calls whose threads have left them without a return event: marked, then let go
         # after a last read, so that a return on its way is not taken for a missed one.
         yield from self._wanted_only(correlator.sweep(in_call))
-        yield from self._drain(fd, parser, correlator)
+        yield from self._drain(correlator, final=True)
         yield from self._wanted_only(correlator.sweep(in_call))
         if self.probe_set.kprobes and self._fs is not None:
             try:
@@ -583,31 +615,54 @@ class Capture:
                 self.stats.teardown_errors.append(f"reading kprobe_profile: {err.strerror}")
         yield from self._finish(correlator)
 
-    def _drain(self, fd: int, parser: Parser, correlator: Correlator) -> Iterator[Record]:
-        """Read everything trace_pipe has now; each read returns whole events."""
-        while True:
-            try:
-                data = os.read(fd, READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                raise ModwatchError(
-                    f"modwatch: reading trace_pipe of instance {self.instance} failed "
-                    f"({err.strerror}): was it removed by someone else?",
-                    ExitStatus.TRACE_GONE,
-                ) from err
-            if not data:
-                return
-            text = data.decode("utf-8", "surrogateescape")
-            if self._saver is not None:
-                self._saver.text(text)
-            yield from self._records(parser.feed(text) + parser.flush(), correlator)
-            if self._saver is not None:
-                self._saver.flush()
+    def _drain(self, correlator: Correlator, final: bool = False) -> Iterator[Record]:
+        """Read what both trace_pipes have now, and yield the records of the events that
+        can be put in order (see merge): those up to a watermark taken before reading,
+        or every one with `final` (nothing more will be written)."""
+        merge = self._merge
+        now_us = time.clock_gettime_ns(self._clock_id) // 1000
+        watermark = ALL if final else now_us - MERGE_MARGIN_US
+        while (items := self._chunk(RARE)) is not None:
+            merge.add(RARE, items)
+        main_done = False
+        while not main_done:
+            items = self._chunk(MAIN)
+            if items is None:
+                main_done = True
+            else:
+                merge.add(MAIN, items)
+                yield from self._records(merge.release(watermark, (False, True)), correlator)
+                # Past the watermark: the rest waits for the next one (a flood may never
+                # let the pipe run dry).
+                if merge.last_ts(MAIN) > watermark:
+                    break
+        yield from self._records(merge.release(watermark, (main_done, True)), correlator)
+        if self._saver is not None:
+            self._saver.flush()
 
-    def _records(
-        self, items: list[Event | Lost | Unparsed], correlator: Correlator
-    ) -> Iterator[Record]:
+    def _chunk(self, stream: int) -> list[Item] | None:
+        """One read of a trace_pipe, parsed (each read returns whole events); None when
+        it has nothing now."""
+        try:
+            data = os.read(self._fds[stream], READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            name = self.instance if stream == MAIN else rare_instance(self.instance or "")
+            raise ModwatchError(
+                f"modwatch: reading trace_pipe of instance {name} failed "
+                f"({err.strerror}): was it removed by someone else?",
+                ExitStatus.TRACE_GONE,
+            ) from err
+        if not data:
+            return None
+        text = data.decode("utf-8", "surrogateescape")
+        if self._saver is not None:
+            self._saver.text(text, rare=stream == RARE)
+        parser = self._parsers[stream]
+        return parser.feed(text) + parser.flush()
+
+    def _records(self, items: list[Item], correlator: Correlator) -> Iterator[Record]:
         opts = self.options
         for item in items:
             if isinstance(item, Event):
@@ -653,7 +708,12 @@ class Capture:
     _saver: TraceWriter | None = None
     _signals: _Signals
     _fs: tracefs.Tracefs | None = None
-    _armed: frozenset[str] = frozenset()  # this session's events, as set_event lists them
+    # Each instance's events, as its set_event lists them.
+    _armed: dict[str, frozenset[str]]
+    _fds: list[int]  # the trace_pipes of the main and the rare instance
+    _parsers: tuple[Parser, Parser]
+    _merge: Merge
+    _clock_id: int = time.CLOCK_MONOTONIC
     _private_mount: str | None = None  # tracefs mounted again for teardown
     # Records on their way out: (record, its module file being read, wait until).
     _outbox: collections.deque[tuple[Record, Pending | None, float]]

@@ -26,7 +26,7 @@ from modwatch.output import (
     dumps,
     printable,
 )
-from modwatch.probes import new_group
+from modwatch.probes import ProbeSpec, new_group, rare_instance
 
 _STATUS_TABLE = "\n\n".join(f"{int(s)}: {text}" for s, text in EXIT_STATUS_HELP.items())
 
@@ -163,10 +163,11 @@ def capture_command(
             "--buffer-kb",
             min=1,
             metavar="KIB",
-            help="The ring buffer of modwatch's instance, per CPU. Default: "
+            help="The ring buffer of modwatch's main instance, per CPU. Default: "
             f"{capture.BUFFER_BUDGET_KB} KiB in all, shared out over the CPUs (or the "
             "kernel's default per CPU, if larger). A burst of calls larger than the "
-            "buffer loses events, each counted and reported.",
+            "buffer loses events, each counted and reported; the rare events past the "
+            "permission check have an instance of their own, of the kernel's default size.",
         ),
     ] = None,
     dry_run: Annotated[
@@ -191,12 +192,14 @@ def capture_command(
     """Capture module loads and unloads: one record per operation, with its outcome.
 
     Records are emitted when the syscall returns. Runs until Ctrl-C, SIGTERM or SIGHUP,
-    --duration, --count, or the end of COMMAND; every probe and the tracefs instance
-    modwatch made are removed on the way out.
+    --duration, --count, or the end of COMMAND; every probe and the tracefs instances
+    modwatch made are removed on the way out. Events past the permission check go to an
+    instance of their own, which a flood of failing calls by any user cannot overrun.
     """
     if dry_run:
         probe_set, unchecked = capture.plan_offline(new_group(os.getpid()), not no_kprobes)
-        print(f"# probe group and instance: {probe_set.group}")
+        group, rare = probe_set.group, rare_instance(probe_set.group)
+        print(f"# probe group: {group}; instances: {group}, and {rare} for the rare events")
         if unchecked:
             print(f"# not checked against the running kernel: {unchecked}")
         for choice in probe_set.choices:
@@ -206,8 +209,12 @@ def capture_command(
         for spec in probe_set.probes:
             if spec.filter is not None:
                 print(f"# filter {spec.event}: {spec.filter}")
-        for tp in probe_set.tracepoints:
-            print(f"# enable tracepoint {tp.system}:{tp.event}")
+        for instance, specs in zip((group, rare), probe_set.split(), strict=True):
+            events = [
+                f"{group}:{e.event}" if isinstance(e, ProbeSpec) else f"{e.system}:{e.event}"
+                for e in specs
+            ]
+            print(f"# enable in {instance}: {' '.join(events) or '(none)'}")
         return
 
     if save_trace is not None and replay is not None:

@@ -4,6 +4,14 @@ Events of one operation share the caller's thread id: the syscall entry opens an
 operation, the kernel-side events (find_module_all, parse_args, module_load,
 do_init_module, module_free) fill it in, and the syscall's return closes it and
 yields the record.
+
+The kernel-side events come from an instance of their own, which a flood of failing
+calls cannot overrun (probes.RARE_KINDS). The first of them on a thread with no
+operation opens one whose entry was lost, reported if the other instance lost events
+by the time it is let go (else its events were the kernel's own): the call
+is known from the event (module_file: finit_module, load_module: init_module,
+find_module: delete_module), and so are its outcome (do_init_module's return is the
+load's, module_free means the unload worked) and most of its fields.
 """
 
 from __future__ import annotations
@@ -68,6 +76,14 @@ PARAMS_LOST = "params_lost"
 # Parameters of PARAMS_MAX bytes: as many as a probe fetches, so maybe cut.
 PARAMS_TRUNCATED = "params_truncated"
 PARAMS_MAX = 4095  # MAX_STRING_SIZE (PATH_MAX) less the NUL
+# kernel_read_file_id: security_kernel_read_file reads a module file (6.1 and 6.12).
+READING_MODULE = 2
+# The events that open an operation whose syscall entry was lost, and its syscall.
+_OPENED_BY = {
+    "module_file": "finit_module",
+    "load_module": "init_module",
+    "find_module": "delete_module",
+}
 
 Record = dict[str, Any]
 
@@ -112,7 +128,7 @@ class FileRequest(NamedTuple):
     tid: int
     ts_us: int
     pid: int | None
-    fd: int
+    fd: int | None  # None: the entry was lost, the file is read by its path
     path: str | None
     wall_ns: int
     ino: int | None
@@ -185,6 +201,10 @@ class _Operation:
     kernel_path: filepath.KernelPath | None = None
     fd: int | None = None  # finit_module's
     file_job: FileJob | None = None
+    entry_missed: bool = False  # opened by a kernel-side event: the entry was lost
+    kernel_events: int = 0  # events after the entry (for unmatched, if let go unreported)
+    load_seen: bool = False  # load_module came
+    freed: bool = False  # module_free came
 
 
 def _str(value: object) -> str | None:
@@ -208,6 +228,23 @@ def _stage(op: _Operation, ret: int) -> str | None:
     if not op.passed_permission and ret == -errno.EPERM:
         return "permission"
     return "unload" if unload else "load"
+
+
+def _begins_another(op: _Operation, ev: Event) -> bool:
+    """Whether a kernel-side event on the thread of an open operation can only belong to
+    a later call (both the operation's return and the later call's entry were lost):
+    a second module file or load_module, either of them in an unload, or a lookup by
+    name once a load is past its own (or an unload has had its own)."""
+    unload = op.syscall == "delete_module"
+    if ev.kind == "module_file":
+        return ev.fields.get("id") == READING_MODULE and (op.file_seen or unload)
+    if ev.kind == "load_module":
+        return op.load_seen or unload
+    if ev.kind == "find_module":
+        if unload:
+            return op.module is not None
+        return op.past_params or op.params_seen or op.init_ret is not None
+    return False
 
 
 def _caller_facts(op: _Operation) -> Record:
@@ -239,6 +276,7 @@ class Correlator:
         self.open: OrderedDict[int, _Operation] = OrderedDict()
         self.last_ts_us: int | None = None
         self.unmatched = 0  # kernel-side events outside any operation (e.g. boot-time)
+        self.lost_seen = False  # events were lost: an operation's entry may be among them
 
     def event(self, ev: Event) -> list[Record]:
         self.last_ts_us = ev.ts_us
@@ -247,13 +285,24 @@ class Correlator:
             return self._enter(ev)
         if kind.endswith("_ret") and kind[: -len("_ret")] in SYSCALLS:
             return self._return(ev)
+        records: list[Record] = []
         op = self.open.get(ev.tid)
+        if op is not None and _begins_another(op, ev):
+            # The thread's call ended, its return lost, and another began, its entry lost.
+            del self.open[ev.tid]
+            records += self._let_go(op, RETURN_MISSED)
+            op = None
+        if op is None:
+            op = self._open_late(ev, records)
         if op is None:
             self.unmatched += 1
-            return []
+            return records
+        op.kernel_events += 1
         f = ev.fields
         if kind == "load_module":
-            op.passed_permission = True
+            op.passed_permission = op.load_seen = True
+            if op.flags_raw is None:
+                op.flags_raw = _int(f.get("flags"))
         elif kind == "find_module":
             op.passed_permission = True
             op.module = op.module or _str(f["name"])
@@ -281,20 +330,42 @@ class Correlator:
                 op.file_seen = True
                 op.kernel_path = filepath.rebuild(f)
         elif kind == "module_free":
-            op.passed_permission = True
+            op.passed_permission = op.freed = True
             if op.module is None:
                 op.module = str(f["name"])
         else:
             self.unmatched += 1
-        if op.passed_permission and op.file_job is None and op.fd is not None:
+        if op.passed_permission and op.file_job is None and op.syscall == "finit_module":
             path, _ = filepath.choose(op.kernel_path, op.caller.path, op.caller.path_ino)
-            wall_ns = (op.ts_us + self.clock.offset_us) * 1000
-            ino = op.kernel_path.ino if op.kernel_path is not None else None
-            request = FileRequest(op.tid, op.ts_us, op.caller.pid, op.fd, path, wall_ns, ino)
-            op.file_job = self.enricher.module_file(request)
-        return []
+            if op.fd is not None or path is not None:
+                wall_ns = (op.ts_us + self.clock.offset_us) * 1000
+                ino = op.kernel_path.ino if op.kernel_path is not None else None
+                request = FileRequest(op.tid, op.ts_us, op.caller.pid, op.fd, path, wall_ns, ino)
+                op.file_job = self.enricher.module_file(request)
+        return records
+
+    def _open_late(self, ev: Event, records: list[Record]) -> _Operation | None:
+        """An operation opened by a kernel-side event, its entry lost; None for an event
+        that opens none (a firmware read). It becomes a record only if events were lost
+        by the time it is let go (see `_let_go`): the loss may be read after it."""
+        syscall = _OPENED_BY.get(ev.kind)
+        if syscall is None or (ev.kind == "module_file" and ev.fields.get("id") != READING_MODULE):
+            return None
+        op = _Operation(
+            syscall=syscall,
+            tid=ev.tid,
+            ts_us=ev.ts_us,
+            comm=_task(ev.task),
+            caller=self.enricher.caller(ev.tid, ev.ts_us, None),
+            entry_missed=True,
+        )
+        if ev.tgid is not None and op.caller.pid is None:
+            op.caller = op.caller._replace(pid=ev.tgid)
+        self._add(op, records)
+        return op
 
     def lost(self, lost: Lost) -> Record:
+        self.lost_seen = True
         return {
             "v": SCHEMA_VERSION,
             "type": "lost",
@@ -313,25 +384,33 @@ class Correlator:
         for tid, op in list(self.open.items()):
             if op.left_call:
                 del self.open[tid]
-                records.append(self._record(op, None, RETURN_MISSED))
+                records += self._let_go(op, RETURN_MISSED)
             elif in_call(tid, op.syscall, op.compat) is False:
                 op.left_call = True
         return records
 
     def finish(self) -> list[Record]:
         """Operations still open at the end: records with a null `ret`."""
-        records = [
-            self._record(op, None, RETURN_MISSED if op.left_call else IN_FLIGHT)
-            for op in self.open.values()
-        ]
+        records = []
+        for op in self.open.values():
+            records += self._let_go(op, RETURN_MISSED if op.left_call else IN_FLIGHT)
         self.open.clear()
         return records
+
+    def _let_go(self, op: _Operation, incomplete: str) -> list[Record]:
+        """The record of an operation whose return never came. One opened by kernel-side
+        events is a call whose entry was lost only if events were lost: else they were
+        the kernel's own doing (a lookup by module name, say), counted as unmatched."""
+        if op.entry_missed and not self.lost_seen:
+            self.unmatched += op.kernel_events
+            return []
+        return [self._record(op, None, incomplete)]
 
     def _enter(self, ev: Event) -> list[Record]:
         records = []
         stale = self.open.pop(ev.tid, None)
         if stale is not None:  # its return was missed: the thread has moved on
-            records.append(self._record(stale, None, RETURN_MISSED))
+            records += self._let_go(stale, RETURN_MISSED)
         op = _Operation(
             syscall=ev.kind,
             tid=ev.tid,
@@ -345,18 +424,21 @@ class Correlator:
         )
         if ev.tgid is not None and op.caller.pid is None:
             op.caller = op.caller._replace(pid=ev.tgid)
-        self.open[ev.tid] = op
+        self._add(op, records)
+        return records
+
+    def _add(self, op: _Operation, records: list[Record]) -> None:
+        self.open[op.tid] = op
         while len(self.open) > MAX_OPEN:
             _, oldest = self.open.popitem(last=False)
-            records.append(self._record(oldest, None, EVICTED))
-        return records
+            records += self._let_go(oldest, EVICTED)
 
     def _return(self, ev: Event) -> list[Record]:
         syscall = ev.kind[: -len("_ret")]
         records = []
         op = self.open.pop(ev.tid, None)
         if op is not None and op.syscall != syscall:
-            records.append(self._record(op, None, RETURN_MISSED))  # that call's return
+            records += self._let_go(op, RETURN_MISSED)  # that call's return was missed
             op = None
         incomplete = None
         if op is None:  # the entry was lost: a record of what the return says
@@ -366,6 +448,12 @@ class Correlator:
         return records
 
     def _record(self, op: _Operation, ret: int | None, incomplete: str | None = None) -> Record:
+        if op.entry_missed:
+            incomplete = ENTRY_MISSED
+            if ret is None and op.syscall == "delete_module" and op.freed:
+                ret = 0
+            elif ret is None and op.init_ran:
+                ret = op.init_ret  # load_module returns do_init_module's return
         if incomplete is None and op.params is not None:
             params_bytes = op.params.encode("utf-8", "surrogateescape")
             incomplete = PARAMS_TRUNCATED if len(params_bytes) >= PARAMS_MAX else None

@@ -5,6 +5,9 @@ Argument tags, as in the seed event model:
   U       read from user space, or a value the caller chose
   TOCTOU  may change between the kernel's check and its use
   OPT     may be absent (the kernel lacks the symbol, or the call ended earlier)
+
+Every event after the permission check (probes.RARE_KINDS) is recorded in the
+session's second instance, which a flood of failing calls cannot overrun.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ CATALOGUE: tuple[RawEvent, ...] = (
     RawEvent(
         "load_module",
         "kprobe load_module",
-        (),
+        (Arg("flags", "int", ("U",), "MODULE_INIT_* flags, as the caller passed them"),),
         "a load passed the permission check (OPT)",
     ),
     RawEvent(

@@ -20,6 +20,29 @@ GROUP_PREFIX = "modwatch_"
 
 CAP_SYS_MODULE = 16  # include/uapi/linux/capability.h
 
+# Events only a caller past the permission check (or the kernel itself) can cause: a
+# flood of failing calls, which any user can make, never reaches them. A session gives
+# them an instance of their own (`rare_instance`), whose ring buffer that flood cannot
+# overrun; the syscalls' entries and returns and the permission check go to the other.
+RARE_KINDS = frozenset(
+    {
+        "load_module",
+        "module_params",
+        "find_module",
+        "do_init_module",
+        "do_init_module_ret",
+        "module_file",
+        "module_load",
+        "module_free",
+    }
+)
+RARE_SUFFIX = "_rare"
+
+
+def rare_instance(group: str) -> str:
+    """The second instance of the session whose probe group is `group`."""
+    return group + RARE_SUFFIX
+
 
 @dataclass(frozen=True)
 class FetchArg:
@@ -196,6 +219,15 @@ class ProbeSet:
         table.update({t.event: t for t in self.tracepoints})
         return table
 
+    def split(self) -> tuple[list[ProbeSpec | Tracepoint], list[ProbeSpec | Tracepoint]]:
+        """The events of the main instance, and those of the rare one (RARE_KINDS)."""
+        main: list[ProbeSpec | Tracepoint] = []
+        rare: list[ProbeSpec | Tracepoint] = []
+        every: list[ProbeSpec | Tracepoint] = [*self.probes, *self.tracepoints]
+        for spec in every:
+            (rare if spec.kind in RARE_KINDS else main).append(spec)
+        return main, rare
+
     @property
     def kprobes(self) -> bool:
         """False for the degraded set of a kernel without kprobe events."""
@@ -290,9 +322,16 @@ def build_probe_set(
         choices.append(f"module.name: offset {name_offset} (BTF)")
         init_args = (FetchArg("name", f"+{name_offset}({a1})", "string"),)
     optional = (
-        # load_module is reached only once the permission check has passed: a failure
-        # after it is a failed load, not a refusal.
-        ("load_module", "load_module", False, (), "permission-stage detection"),
+        # load_module(info, uargs, flags) is reached only once the permission check has
+        # passed: a failure after it is a failed load, not a refusal. Its flags are the
+        # caller's, for a load whose syscall entry was lost.
+        (
+            "load_module",
+            "load_module",
+            False,
+            (FetchArg("flags", arch.func_args[2], "x32"),),
+            "permission-stage detection",
+        ),
         # parse_args(doing, args, ...) receives the kernel's intact copy of the
         # parameter string, after the permission check (load_module splits it in place
         # later, so mod->args at do_init_module no longer holds it).

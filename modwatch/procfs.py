@@ -279,15 +279,18 @@ class ProcEnricher:
 
     def module_file(self, request: FileRequest) -> Future[FileFacts]:
         """The loader's file, opened again through /proc while its call is in flight (the
-        very file the kernel read), and read in a worker; by its path if that fails, or
-        if the fd holds another file by then (not the inode the kernel read)."""
+        very file the kernel read), and read in a worker; by its path if that fails, if
+        the fd holds another file by then (not the inode the kernel read), or if the fd
+        is unknown (the call's entry was lost)."""
         r = request
-        try:
-            own: int | None = os.open(
-                f"{self.procfs}/{r.pid or r.tid}/fd/{r.fd}", os.O_RDONLY | os.O_CLOEXEC
-            )
-        except OSError:
-            own = None
+        own: int | None = None
+        if r.fd is not None:
+            try:
+                own = os.open(
+                    f"{self.procfs}/{r.pid or r.tid}/fd/{r.fd}", os.O_RDONLY | os.O_CLOEXEC
+                )
+            except OSError:
+                own = None
         return self.files.start(own, r.path, r.wall_ns, r.ino)
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:

@@ -6,12 +6,15 @@ definitions it came from, and the /proc facts read while the session ran.
     # probe: p:modwatch_123_ab12/mwab12_finit_module __x64_sys_finit_module fd=...
     # tracepoint: module/module_load
     # print-fmt: module/module_load "%s %s", __get_str(name), __print_flags(...)
-    <trace_pipe text, as read>
+    <trace_pipe text of the main instance, as read>
+    #mw-rare-modwatch_123_ab12 "<trace_pipe text of the rare instance, one read>"
     #mw-caller-modwatch_123_ab12 {"tid": 812, "ts_us": 2439966, "pid": 812, ...}
     #mw-file-modwatch_123_ab12 {"tid": 812, "ts_us": 2439966, "sha256": "9f86...", ...}
 
 `#mw-caller-GROUP` lines follow the text that holds the event they describe; a
-`#mw-file-GROUP` line (the module file's facts) comes once they were read. The
+`#mw-file-GROUP` line (the module file's facts) comes once they were read. The rare
+instance's text (see probes.RARE_KINDS) is kept apart, as JSON strings, and merged
+with the main text by timestamp when the trace is read back. The
 group's random part keeps a caller from forging one through its task name, which
 the trace text holds raw; the JSON is ASCII, with raw bytes of a path kept as
 surrogate escapes (backslash-udcXX), so that it reads back as it was.
@@ -33,6 +36,7 @@ from modwatch.probes import ProbeSet, ProbeSpec, Tracepoint
 MAGIC = "# modwatch trace v1"
 CALLER = "#mw-caller-"
 FILE = "#mw-file-"
+RARE = "#mw-rare-"
 
 
 def caller_marker(group: str) -> str:
@@ -43,11 +47,16 @@ def file_marker(group: str) -> str:
     return f"{FILE}{group} "
 
 
+def rare_marker(group: str) -> str:
+    return f"{RARE}{group} "
+
+
 class TraceWriter:
     def __init__(self, stream: IO[str], probe_set: ProbeSet, clock_offset_us: int) -> None:
         self.stream = stream
         self.marker = caller_marker(probe_set.group)
         self.file_marker = file_marker(probe_set.group)
+        self.rare_marker = rare_marker(probe_set.group)
         lines = [MAGIC, f"# group: {probe_set.group}", f"# clock-offset-us: {clock_offset_us}"]
         lines += [f"# probe: {p.definition()}" for p in probe_set.probes]
         lines += [f"# tracepoint: {t.system}/{t.event}" for t in probe_set.tracepoints]
@@ -58,8 +67,10 @@ class TraceWriter:
         ]
         stream.write("\n".join(lines) + "\n")
 
-    def text(self, data: str) -> None:
-        self.stream.write(data)
+    def text(self, data: str, rare: bool = False) -> None:
+        """Text as read from the main instance's trace_pipe (whole events), or from the
+        rare instance's (one line)."""
+        self.stream.write(self.rare_marker + json.dumps(data) + "\n" if rare else data)
 
     def caller(self, tid: int, ts_us: int, facts: Caller) -> None:
         # Facts that are None are left out: the reader fills them in as None.
@@ -86,6 +97,7 @@ class SavedTrace:
         self.clock_offset_us = 0
         self.callers: dict[tuple[int, int], Caller] = {}
         self.files: dict[tuple[int, int], FileFacts] = {}
+        self.rare_chunks: list[str] = []  # the rare instance's text, read by read
         try:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 if f.readline().rstrip("\n") != MAGIC:
@@ -95,14 +107,15 @@ class SavedTrace:
                         ExitStatus.BAD_TRACE_FILE,
                     )
                 header = True
-                marker = files = None
+                marker = files = rare = None
                 group = ""
                 for line in f:
                     header = header and line.startswith("# ")
                     if not header:
-                        if marker is None or files is None:
+                        if marker is None or files is None or rare is None:
                             group = group or (probes[0].group if probes else "")
                             marker, files = caller_marker(group), file_marker(group)
+                            rare = rare_marker(group)
                         if line.startswith(marker):
                             entry = json.loads(line[len(marker) :])
                             facts = {k: v for k, v in entry.items() if k in Caller._fields}
@@ -113,6 +126,11 @@ class SavedTrace:
                             entry = json.loads(line[len(files) :])
                             known = {k: v for k, v in entry.items() if k in FileFacts._fields}
                             self.files[(entry["tid"], entry["ts_us"])] = FileFacts(**known)
+                        elif line.startswith(rare):
+                            text = json.loads(line[len(rare) :])
+                            if not isinstance(text, str):
+                                raise ValueError(f"not a string of trace text: {line!r}")
+                            self.rare_chunks.append(text)
                     elif line.startswith("# probe: "):
                         probes.append(ProbeSpec.parse(line[len("# probe: ") :].rstrip("\n")))
                     elif line.startswith("# tracepoint: "):
@@ -136,6 +154,7 @@ class SavedTrace:
         group = group or (probes[0].group if probes else "")
         self.marker = caller_marker(group)
         self.file_marker = file_marker(group)
+        self.rare_marker = rare_marker(group)
         tracepoints = [
             dataclasses.replace(t, print_fmt=print_fmts.get(f"{t.system}/{t.event}"))
             for t in tracepoints
@@ -143,7 +162,7 @@ class SavedTrace:
         self.probe_set = ProbeSet(group, tuple(probes), tuple(tracepoints), ())
 
     def chunks(self, size: int = 1 << 16) -> Iterator[str]:
-        """The trace text without the header and the caller lines."""
+        """The main instance's trace text, without the header and the marked lines."""
         with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
             in_header = True
             batch: list[str] = []
@@ -151,7 +170,7 @@ class SavedTrace:
                 if in_header and line.startswith("# "):
                     continue
                 in_header = False
-                if line.startswith((self.marker, self.file_marker)):
+                if line.startswith((self.marker, self.file_marker, self.rare_marker)):
                     continue
                 batch.append(line)
                 if len(batch) >= size // 64:

@@ -576,7 +576,7 @@ def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path, undone: s
         for removal in fs.groups(group)[group]:
             fs.remove_probe(removal, group)
     else:
-        fs.write(f"instances/{group}/events/module/module_load/enable", "0")
+        fs.write(f"instances/{group}_rare/events/module/module_load/enable", "0")
     status, stderr = child.wait(timeout=120), child.rest_of_stderr()
     assert status == ExitStatus.TRACE_GONE, stderr
     assert "removed by someone else" in stderr and "Traceback" not in stderr
@@ -636,6 +636,11 @@ def instance_losses(tracefs: Path, instance: str) -> int:
     return total
 
 
+def session_losses(tracefs: Path, instance: str) -> tuple[int, int]:
+    """The losses of a session's main instance and of its rare one."""
+    return instance_losses(tracefs, instance), instance_losses(tracefs, instance + "_rare")
+
+
 def buffer_kb(tracefs: Path, instance: str | None = None) -> int:
     """An instance's ring buffer per CPU (the top level's, without an instance), in KiB.
     The kernel rounds a size up to whole pages, and shows the data they hold (4,080
@@ -661,37 +666,70 @@ def test_ring_buffer_size_default_and_refused(tmp_path: Path, tracefs: Path) -> 
     assert not leftovers()
 
 
-def test_stalled_reader_reports_exactly_what_the_kernel_lost(
-    tmp_path: Path, tracefs: Path, mwload: str
+def test_stalled_reader_reports_exactly_what_the_kernel_lost_and_every_real_load(
+    tmp_path: Path, tracefs: Path, mwload: str, mwtest_ko: Path
 ) -> None:
     out = tmp_path / "storm.jsonl"
-    # A small buffer, then a burst far larger than it while the reader is stopped.
+    # A small buffer, then bursts far larger than it while the reader is stopped, with a
+    # real load and unload between them: the flood overruns the main instance and takes
+    # their syscall entries and returns; the rare instance keeps the rest.
     child = Child("capture", "--buffer-kb", "16", "-o", str(out))
     instance = child.instance()
     assert 16 <= buffer_kb(tracefs, instance) < 20
     os.kill(child.pid, signal.SIGSTOP)
     try:
-        subprocess.run([mwload, "storm", "1500"], check=True)
-        lost_in_kernel = instance_losses(tracefs, instance)
+        ops = ["storm", "1500", "finit", str(mwtest_ko), "note=flood", "delete", "mwtest"]
+        # On one CPU: the second burst overwrites that CPU's buffer, the load's and
+        # unload's syscall events with it.
+        loader = subprocess.Popen(["taskset", "-c", "0", mwload, *ops, "storm", "1500"])
+        assert loader.wait(timeout=300) == 0
+        lost_main, lost_rare = session_losses(tracefs, instance)
     finally:
         os.kill(child.pid, signal.SIGCONT)
-    assert lost_in_kernel > 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # until the reader has caught up
-        lines = out.read_text().splitlines()
-        if lines and time.time() - out.stat().st_mtime > 3:
-            break
-        time.sleep(0.5)
+    assert lost_main > 0 and lost_rare == 0, (lost_main, lost_rare)
+    # Until the reader has caught up, and the real load and unload have come out (those
+    # whose entries were lost wait for the thread to be seen out of the call twice).
+    wait_until(
+        lambda: sum('"mwtest"' in line for line in out.read_text().splitlines()) >= 2,
+        120,
+        "the load and the unload",
+    )
     child.send_signal(signal.SIGINT)
     assert child.wait() == 0
     stderr = child.rest_of_stderr()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     lost = [r for r in records if r["type"] == "lost"]
     assert lost and all(r["count"] is not None for r in lost), lost
-    assert sum(r["count"] for r in lost) == lost_in_kernel, (lost, lost_in_kernel)
-    assert f"{lost_in_kernel} events lost in all" in stderr
-    # Whatever was not lost made whole records: every one an EBADF after the check.
-    calls = [r for r in records if r["type"] == "load"]
+    assert sum(r["count"] for r in lost) == lost_main, (lost, lost_main)
+    assert f"{lost_main} events lost in all" in stderr
+    # The real load and unload, whole: all the kernel-side facts, and the outcome.
+    [load] = [r for r in records if r["type"] == "load" and r["module"] == "mwtest"]
+    assert load["incomplete"] == "entry_missed", load
+    assert (load["syscall"], load["ok"], load["ret"], load["init_ret"]) == (
+        "finit_module",
+        True,
+        0,
+        0,
+    ), load
+    assert (load["path"], load["path_source"], load["params"]) == (
+        os.path.realpath(mwtest_ko),
+        "kernel",
+        "note=flood",
+    ), load
+    assert (load["flags"], load["comm"], load["pid"]) == ([], "mwload", loader.pid), load
+    # The permission check's event (the uid) went with the flood, and the loader had
+    # exited before the stopped reader could ask /proc.
+    assert (load["uid"], load["proc_gone"]) == (None, True), load
+    assert load["sha256"] is not None and load["taints"] is not None, load
+    [unload] = [r for r in records if r["type"] == "unload"]
+    assert (unload["module"], unload["ok"], unload["ret"], unload["incomplete"]) == (
+        "mwtest",
+        True,
+        0,
+        "entry_missed",
+    ), unload
+    # Whatever else was not lost made whole records: every one an EBADF after the check.
+    calls = [r for r in records if r["type"] == "load" and r is not load]
     assert calls and all(r["errno"] == "EBADF" or r["ret"] is None for r in calls)
 
 
@@ -756,7 +794,7 @@ def test_returns_the_kernel_missed_make_incomplete_records_counted_by_kprobe_pro
     assert len(records) == loaders, records
     missed = [r for r in records if r["incomplete"] == "return_missed"]
     assert len(missed) == missed_returns
-    assert all(r["ret"] is None and r["comm"] == "mwload" and r["pid"] for r in missed)
+    assert all(r["ret"] is None and r["comm"] == "mwload" and r["pid"] for r in missed), missed
     complete = [r for r in records if r["incomplete"] is None]
     assert len(complete) == loaders - missed_returns
     assert all(r["ret"] is not None for r in complete)

@@ -223,3 +223,39 @@ def test_module_file_facts_travel_in_a_saved_trace(tmp_path: Path) -> None:
 )
 def test_buffer_size_as_tracefs_shows_it(text: str, kb: int) -> None:
     assert capture._buffer_kb(text) == kb
+
+
+def test_replay_merges_the_rare_instances_text_by_timestamp(tmp_path: Path) -> None:
+    # As a live session saves it: the rare instance's reads in marked lines, the main
+    # instance's text as read, each in the order read (not in timestamp order).
+    pset = kt.probe_set()
+    finit = {"fd": 3, "param_values": 0x1000, "flags": 0, "comm": "insmod"}
+
+    def line(kind: str, values: dict[str, Any], tid: int, ts_us: int) -> str:
+        return kt.line(kind, values, task="insmod", tid=tid, ts_us=ts_us, pset=pset)
+
+    rare = [
+        line("load_module", {"flags": 0}, 7, 1_000_010)
+        + line("find_module", {"name": "mwtest"}, 7, 1_000_011),
+        line("do_init_module", {"name": "mwtest"}, 7, 1_000_012)
+        + line("do_init_module_ret", {"ret": 0}, 7, 1_000_013),
+    ]
+    main = [
+        line("finit_module", finit, 7, 1_000_000),
+        line("finit_module_ret", {"ret": 0}, 7, 1_000_020)
+        + line("finit_module", finit, 8, 1_000_030)
+        + line("finit_module_ret", {"ret": -1}, 8, 1_000_031),
+    ]
+    path = tmp_path / "two.trace"
+    with open(path, "w", encoding="utf-8") as stream:
+        writer = TraceWriter(stream, pset, 0)
+        writer.text(rare[0], rare=True)
+        writer.text(main[0])
+        writer.text(main[1])
+        writer.text(rare[1], rare=True)
+    records, cap = replay(path)
+    assert [(r["tid"], r["module"], r["ret"], r["init_ret"]) for r in records] == [
+        (7, "mwtest", 0, 0),
+        (8, None, -1, None),
+    ]
+    assert cap.stats.unparsed == 0

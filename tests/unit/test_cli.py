@@ -28,9 +28,27 @@ RECORDS = JSONL.splitlines(keepends=True)
 # The fixture's probes, but without BTF (as these tests run): no name at do_init_module.
 DEFINITIONS = [
     line.removeprefix("# probe: ").removesuffix(" name=+24(%di):string")
+    # load_module's flags were fetched after the fixture was captured.
+    + (" flags=%dx:x32" if line.endswith("_load_module load_module") else "")
     for line in kt.TRACE_FIXTURE.read_text().splitlines()
     if line.startswith("# probe: ")
 ]
+# What each instance enables: the syscalls in the main one, the rest in the rare one.
+SYSCALL_EVENTS = " ".join(
+    f"{kt.GROUP}:mw{kt.TOKEN}_{call}{suffix}"
+    for call in ("finit_module", "init_module", "delete_module")
+    for suffix in ("", "_ret", "32", "_ret32")
+)
+RARE_EVENTS = (
+    " ".join(
+        f"{kt.GROUP}:mw{kt.TOKEN}_{kind}"
+        for kind in ("load_module", "module_params", "find_module", "do_init_module")
+    )
+    + f" {kt.GROUP}:mw{kt.TOKEN}_do_init_module_ret"
+)
+INSTANCES = (
+    f"# probe group: {kt.GROUP}; instances: {kt.GROUP}, and {kt.GROUP}_rare for the rare events"
+)
 
 
 def run(*args: str) -> Result:
@@ -113,7 +131,7 @@ def test_dry_run_checked_against_a_fake_tracefs(
     aff, kall = "(available_filter_functions)", "(/proc/kallsyms)"
     assert result.stdout == "\n".join(
         [
-            f"# probe group and instance: {kt.GROUP}",
+            INSTANCES,
             "# BTF: none (cannot read /nonexistent/vmlinux: No such file or directory): "
             "no struct offsets",
             f"# finit_module: __x64_sys_finit_module {aff}",
@@ -134,7 +152,8 @@ def test_dry_run_checked_against_a_fake_tracefs(
             "# module_free: tracepoint module:module_free not found, no module frees",
             "# module:module_load: print format as known ('%s %s')",
             *DEFINITIONS,
-            "# enable tracepoint module:module_load",
+            f"# enable in {kt.GROUP}: {SYSCALL_EVENTS}",
+            f"# enable in {kt.GROUP}_rare: {RARE_EVENTS} module:module_load",
             "",
         ]
     )
@@ -153,7 +172,7 @@ def test_dry_run_without_tracefs_prints_unchecked_defaults(
     assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert lines[:4] == [
-        f"# probe group and instance: {kt.GROUP}",
+        INSTANCES,
         "# not checked against the running kernel: capture needs root",
         "# BTF: none (cannot read /nonexistent/vmlinux: No such file or directory): "
         "no struct offsets",
@@ -161,8 +180,8 @@ def test_dry_run_without_tracefs_prints_unchecked_defaults(
     ]
     assert [line for line in lines if not line.startswith("#")] == DEFINITIONS
     assert lines[-2:] == [
-        "# enable tracepoint module:module_load",
-        "# enable tracepoint module:module_free",
+        f"# enable in {kt.GROUP}: {SYSCALL_EVENTS}",
+        f"# enable in {kt.GROUP}_rare: {RARE_EVENTS} module:module_load module:module_free",
     ]
 
 

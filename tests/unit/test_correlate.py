@@ -850,3 +850,175 @@ def test_apply_file_facts_merges_reasons() -> None:
     )
     assert (rec["sha256"], rec["size"], rec["hash_source"]) == ("ab", 2, "fd")
     assert rec["reasons"] == {"exe": "gone", "vermagic": "none"}
+
+
+# -- operations whose syscall entry was lost (a flood overran the main instance) -------
+
+# A module file's event: /tmp/mwtest.ko, on one mount.
+MODULE_FILE = {
+    "id": correlate.READING_MODULE,
+    "hash": 1,
+    "ino": 5,
+    "r0": 1,
+    "d0_0": 2,
+    "n0_0": "mwtest.ko",
+    "d0_1": 3,
+    "n0_1": "tmp",
+    "d0_2": 1,
+    "r1": 9,
+    "d1_0": 9,
+    "p1": 7,
+    "p2": 7,
+}
+
+
+def rare_load(tid: int = 300) -> list[Event]:
+    """A load's events in the rare instance: what is left when its entry and return
+    were lost in the main one."""
+    return [
+        ev("module_file", tid, 10, tgid=299, **MODULE_FILE),
+        ev("load_module", tid, 11, tgid=299, flags=2),
+        ev("find_module", tid, 12, tgid=299, name="mwtest"),
+        ev("module_params", tid, 13, tgid=299, params="note=x"),
+        ev("module_load", tid, 14, tgid=299, name="mwtest", taints="OE"),
+        ev("do_init_module", tid, 15, tgid=299, name="mwtest"),
+        ev("do_init_module_ret", tid, 16, tgid=299, ret=0),
+    ]
+
+
+def after_a_loss(correlator: Correlator) -> Correlator:
+    correlator.lost(Lost(0, 100))
+    return correlator
+
+
+def test_a_load_whose_entry_and_return_were_lost_is_whole_but_for_them() -> None:
+    enricher = FakeEnricher({300: Caller(299, 0, None)})
+    enricher.file_jobs[300] = Future()
+    correlator = after_a_loss(Correlator(CLOCK, enricher))
+    assert feed(correlator, rare_load()) == []
+    # The thread has left the call: two sweeps later the record goes out.
+    assert correlator.sweep(lambda tid, syscall, compat: False) == []
+    [record] = correlator.sweep(lambda tid, syscall, compat: False)
+    assert {k: record[k] for k in ("syscall", "module", "path", "path_source", "params")} == {
+        "syscall": "finit_module",
+        "module": "mwtest",
+        "path": "/tmp/mwtest.ko",
+        "path_source": "kernel",
+        "params": "note=x",
+    }
+    assert (record["flags"], record["ret"], record["ok"], record["init_ret"]) == (
+        ["MODULE_INIT_IGNORE_VERMAGIC"],
+        0,
+        True,
+        0,
+    )
+    assert (record["incomplete"], record["pid"], record["tid"], record["comm"]) == (
+        "entry_missed",
+        299,
+        300,
+        "task",
+    )
+    # /proc was asked without an fd; the file is read by the kernel's path.
+    assert enricher.asked == [(300, 10, None)]
+    assert [(r.fd, r.path, r.ino) for r in enricher.files] == [(None, "/tmp/mwtest.ko", 5)]
+    assert correlator.unmatched == 0
+
+
+def test_a_load_whose_entry_was_lost_takes_the_return_that_came() -> None:
+    correlator = after_a_loss(Correlator(CLOCK))
+    events = [*rare_load(), ev("finit_module_ret", 300, 17, ret=0)]
+    [record] = feed(correlator, events)
+    assert (record["ret"], record["incomplete"], record["module"]) == (0, "entry_missed", "mwtest")
+    assert correlator.open == {}
+
+
+def test_a_failed_init_whose_entry_was_lost_has_its_errno() -> None:
+    events = [e for e in rare_load() if e.kind != "do_init_module_ret"]
+    events.append(ev("do_init_module_ret", 300, 16, ret=-22))
+    correlator = after_a_loss(Correlator(CLOCK))
+    feed(correlator, events)
+    [record] = correlator.finish()
+    assert (record["ret"], record["errno"], record["stage"]) == (-22, "EINVAL", "init")
+
+
+def test_init_module_and_delete_module_whose_entries_were_lost() -> None:
+    correlator = after_a_loss(Correlator(CLOCK))
+    events = [
+        ev("load_module", 301, 20, flags=0),
+        ev("find_module", 301, 21, name="mwtest"),
+        ev("do_init_module", 301, 22, name="mwtest"),
+        ev("do_init_module_ret", 301, 23, ret=0),
+        ev("find_module", 302, 30, name="mwtest"),
+        ev("module_free", 302, 31, name="mwtest"),
+        ev("find_module", 303, 40, name="busy"),
+    ]
+    feed(correlator, events)
+    records = correlator.finish()
+    summary = [(r["syscall"], r["module"], r["ret"], r["incomplete"]) for r in records]
+    assert summary == [
+        ("init_module", "mwtest", 0, "entry_missed"),
+        ("delete_module", "mwtest", 0, "entry_missed"),
+        # An unload that did not free the module: its outcome is unknown.
+        ("delete_module", "busy", None, "entry_missed"),
+    ]
+
+
+def test_without_a_loss_kernel_side_events_make_no_record() -> None:
+    # Without a loss, an operation opened by kernel-side events was the kernel's own
+    # doing (a lookup by module name, say): its events are counted, no record comes.
+    correlator = Correlator(CLOCK)
+    events = [ev("find_module", 320, 1, name="mwtest"), *rare_load()]
+    assert feed(correlator, events) == []
+    for _ in range(2):
+        assert correlator.sweep(lambda tid, syscall, compat: False) == []
+    assert correlator.open == {} and correlator.unmatched == len(events)
+
+
+def test_a_loss_read_after_the_kernel_side_events_still_makes_the_record() -> None:
+    # The two instances' events are merged by time; the main one's LOST line has no time
+    # of its own and may come after the rare events of a load whose entry it took.
+    correlator = Correlator(CLOCK)
+    feed(correlator, rare_load())
+    correlator.lost(Lost(1, 7))
+    assert correlator.sweep(lambda tid, syscall, compat: False) == []
+    [record] = correlator.sweep(lambda tid, syscall, compat: False)
+    assert (record["module"], record["ret"], record["incomplete"]) == ("mwtest", 0, "entry_missed")
+    assert correlator.unmatched == 0
+
+
+def test_a_firmware_read_opens_no_load() -> None:
+    correlator = after_a_loss(Correlator(CLOCK))
+    firmware = {**MODULE_FILE, "id": 1}  # READING_FIRMWARE
+    assert feed(correlator, [ev("module_file", 310, 1, **firmware)]) == []
+    assert correlator.open == {} and correlator.unmatched == 1
+
+
+def test_load_module_gives_the_flags_the_entry_did_not() -> None:
+    # An entry that came has the flags already: load_module's are the same.
+    records = feed(Correlator(CLOCK), load_events())
+    assert records[0]["flags_raw"] == 0
+
+
+def test_a_load_and_an_unload_on_one_thread_both_entries_and_returns_lost() -> None:
+    correlator = after_a_loss(Correlator(CLOCK))
+    unload = [ev("find_module", 300, 30, name="mwtest"), ev("module_free", 300, 31, name="mwtest")]
+    second = [ev("module_file", 300, 40, **MODULE_FILE), ev("load_module", 300, 41, flags=0)]
+    [load] = feed(correlator, [*rare_load(), *unload])
+    assert (load["syscall"], load["ret"], load["init_ret"]) == ("finit_module", 0, 0)
+    [deleted] = feed(correlator, second)
+    assert (deleted["syscall"], deleted["module"], deleted["ret"]) == ("delete_module", "mwtest", 0)
+    [again] = correlator.finish()
+    assert (again["syscall"], again["ret"], again["incomplete"]) == (
+        "finit_module",
+        None,
+        "entry_missed",
+    )
+
+
+def test_a_firmware_read_by_the_modules_init_belongs_to_its_load() -> None:
+    correlator = after_a_loss(Correlator(CLOCK))
+    events = rare_load()
+    firmware = ev("module_file", 300, 15, **{**MODULE_FILE, "id": 1})
+    assert feed(correlator, [*events[:-1], firmware, events[-1]]) == []
+    [record] = correlator.finish()
+    assert (record["path"], record["ret"]) == ("/tmp/mwtest.ko", 0)

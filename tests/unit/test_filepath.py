@@ -182,7 +182,7 @@ def test_correlator_takes_the_first_file_read_of_a_finit_module() -> None:
         ("module_file", model([["x.ko", "lib"]])),
         ("do_init_module", {"name": "x"}),
         # Firmware read by the module's init, on the same thread: not the module's file.
-        ("module_file", model([["fw.bin", "firmware"]])),
+        ("module_file", {**model([["fw.bin", "firmware"]]), "id": 1}),  # READING_FIRMWARE
         ("finit_module_ret", {"ret": 0}),
     ]
     text = "".join(

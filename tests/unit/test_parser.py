@@ -185,11 +185,24 @@ def test_delete_module_entry() -> None:
 
 
 def test_probe_without_arguments() -> None:
+    # do_init_module fetches nothing on a kernel without BTF.
+    parser = Parser(kt.probe_set(offsets={}).by_event())
+    text = (
+        "          insmod-244     [000] .....   249.037317: mwd864c37967_do_init_module: "
+        "(do_init_module+0x0/0x1f0)\n"
+    )
+    items = parser.feed(text) + parser.flush()
+    assert items == [Event("do_init_module", False, 244, None, 0, 249_037_317, "insmod", {})]
+
+
+def test_load_module_flags() -> None:
     text = (
         "          insmod-244     [000] .....   248.992439: mwd864c37967_load_module: "
-        "(load_module+0x0/0x21a0)\n"
+        "(load_module+0x0/0x21a0) flags=0x3\n"
     )
-    assert parse(text) == [Event("load_module", False, 244, None, 0, 248_992_439, "insmod", {})]
+    assert parse(text) == [
+        Event("load_module", False, 244, None, 0, 248_992_439, "insmod", {"flags": 3})
+    ]
 
 
 @pytest.mark.parametrize(
