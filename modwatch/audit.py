@@ -34,7 +34,6 @@ from modwatch.errors import ExitStatus, ModwatchError
 
 STATE_VERSION = 1
 DOCUMENT_VERSION = 1
-DEFAULT_STATE = "/var/lib/modwatch/audit.json"
 LOCK_WAIT = 10.0  # seconds a run waits for an overlapping one before giving up
 # A test hook: when set, a run stops itself (SIGSTOP) after the new state is written,
 # before it is renamed into place, so that a test can SIGKILL it right there, or let it
@@ -488,7 +487,7 @@ ROOTS = Roots()
 
 @dataclass
 class AuditOptions:
-    state: str = DEFAULT_STATE
+    state: str  # the state file (modwatch audit --state)
     allow: str | None = None
     roots: Roots = field(default_factory=lambda: ROOTS)
     release: str = field(default_factory=lambda: os.uname().release)

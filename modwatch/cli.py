@@ -14,7 +14,7 @@ from typing import IO, Annotated
 import orjson
 import typer
 
-from modwatch import __version__, audit, capture, doctor, events
+from modwatch import __version__, capture
 from modwatch.correlate import Record
 from modwatch.errors import EXIT_STATUS_HELP, ExitStatus, ModwatchError
 from modwatch.output import (
@@ -28,6 +28,8 @@ from modwatch.output import (
 )
 from modwatch.probes import ProbeSpec, new_group, rare_instance
 
+# The state file `modwatch audit` compares with, unless --state says.
+AUDIT_STATE = "/var/lib/modwatch/audit.json"
 _STATUS_TABLE = "\n\n".join(f"{int(s)}: {text}" for s, text in EXIT_STATUS_HELP.items())
 
 app = typer.Typer(
@@ -320,6 +322,8 @@ def events_command() -> None:
     Tags: K read from kernel memory; U from user space or chosen by the caller;
     TOCTOU may change between check and use; OPT may be absent.
     """
+    from modwatch import events  # each subcommand loads what only it needs
+
     for event in events.CATALOGUE:
         print(f"{event.name}  ({event.probe})")
         print(f"    {event.meaning}")
@@ -339,7 +343,7 @@ def audit_command(
     state: Annotated[
         Path,
         typer.Option("--state", help="The state file the next run compares with.", metavar="FILE"),
-    ] = Path(audit.DEFAULT_STATE),
+    ] = Path(AUDIT_STATE),
     allow: Annotated[
         Path | None,
         typer.Option(
@@ -387,6 +391,8 @@ def audit_command(
     8 state file not writable; 13 state file unreadable, corrupt or newer (left
     untouched); 14 another audit held the lock for 10 s.
     """
+    from modwatch import audit
+
     records: list[Record] = []
     if capture_seconds is not None:
         cap = capture.Capture(capture.Options(duration=capture_seconds, hashing=hashing))
@@ -435,6 +441,8 @@ def doctor_command(
     Exit status: 0 capture fully works; 11 it works, degraded (warn lines);
     12 it cannot run (fail lines).
     """
+    from modwatch import doctor
+
     report = doctor.examine()
     status = {
         doctor.WORKS: ExitStatus.OK,
