@@ -51,6 +51,8 @@ HELPER_FLAGS = {
 
 # Kernel series -> Debian meta package that depends on the current kernel of that series.
 META_PACKAGES = {"6.1": "linux-image-amd64", "6.12": "linux-image-6.12-amd64"}
+# A full run boots the newest kernel once more with this on its command line.
+LOCKDOWN_BOOT = "lockdown=confidentiality"
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "cpio", "make", "gcc")
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
@@ -496,7 +498,13 @@ def fast_mounts() -> list[tuple[str, Path]]:
     return [("mwtb_python", python_prefix()), ("mwtb_checkout", CHECKOUT)]
 
 
-def boot(kernel: Kernel, command: str, timeout: float, stream: str | None = None) -> GuestRun:
+def boot(
+    kernel: Kernel,
+    command: str,
+    timeout: float,
+    stream: str | None = None,
+    append: Sequence[str] = (),
+) -> GuestRun:
     """Boot the kernel and run a shell command in the guest as root, cwd the checkout.
 
     A guest that dies before the command starts (no stdout file in its results) is
@@ -507,19 +515,21 @@ def boot(kernel: Kernel, command: str, timeout: float, stream: str | None = None
     idle CPU's interrupt, mid-run). Any other death, and
     a second one, is a failure: a crash modwatch caused would come back.
     """
-    run = boot_once(kernel, command, timeout, stream)
+    run = boot_once(kernel, command, timeout, stream, append)
     if run.status is None and not run.timed_out and not STOPPING.is_set():
         unborn = not (run.results / "stdout").exists()
         console = run.console.read_text(errors="replace") if run.console.exists() else ""
         if unborn or "Oops: int3" in console:
             why = "died before the command started" if unborn else "kernel oopsed on an int3"
             log(f"{kernel.release}: the guest {why}; booting it once more (console: {run.console})")
-            run = boot_once(kernel, command, timeout, stream)
+            run = boot_once(kernel, command, timeout, stream, append)
     return run
 
 
-def boot_once(kernel: Kernel, command: str, timeout: float, stream: str | None) -> GuestRun:
-    """One boot: see `boot`.
+def boot_once(
+    kernel: Kernel, command: str, timeout: float, stream: str | None, append: Sequence[str] = ()
+) -> GuestRun:
+    """One boot: see `boot`; `append` are kernel boot options.
 
     The command's stdout, stderr and exit status come back through a --rwdir: vng's own
     output is the console, where the command's output may not arrive at all. With stream
@@ -572,6 +582,7 @@ def boot_once(kernel: Kernel, command: str, timeout: float, stream: str | None) 
         f"--rwdir={GUEST_RESULTS}={results}",
         "--exec",
         f"sh {GUEST_RESULTS}/testbed.sh",
+        *(f"--append={option}" for option in append),
         *(
             f"--qemu-opts=-virtfs local,path={path},mount_tag={tag},security_model=none,"
             "readonly=on,multidevs=remap"
@@ -688,8 +699,6 @@ def compile_on_host(pytest_args: Sequence[str] | None) -> None:
 def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
     timeout = guest_timeout()
     selection = [
-        "-m",
-        "kernel",
         "-o",
         "testpaths=tests/kernel",  # unless PYTEST_ARGS name tests
         "-p",
@@ -699,9 +708,10 @@ def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
         "no:hypothesispytest",
         *pytest_args,
     ]
-    compile_on_host(selection)
-    command = shlex.join(
-        [
+    compile_on_host(["-m", "kernel", *selection])
+
+    def command(markers: str) -> str:
+        pytest = [
             str(VENV_BIN / "python"),
             "-m",
             "pytest",
@@ -710,22 +720,38 @@ def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
             "-o",
             "junit_family=xunit1",  # xunit1 records each test's file: node ids in the summary
             f"--junitxml={GUEST_RESULTS}/junit.xml",
+            "-m",
+            markers,
             *selection,
         ]
+        return shlex.join(pytest) + " 2>&1"
+
+    # (label, kernel, command, boot options)
+    boots: list[tuple[str, Kernel, str, tuple[str, ...]]] = [
+        (k.series, k, command("kernel"), ()) for k in kernels
+    ]
+    if not pytest_args:
+        # The newest kernel once more, locked down from its start: the `lockdown` tests
+        # (the other guests raise lockdown at run time, after every other test).
+        newest = kernels[-1]
+        boots.append((f"{newest.series}+lockdown", newest, command("lockdown"), (LOCKDOWN_BOOT,)))
+    log(
+        f"booting {', '.join(f'{label} ({k.release})' for label, k, _, _ in boots)} "
+        f"(timeout {timeout:.0f} s each)"
     )
-    log(f"booting {', '.join(k.release for k in kernels)} (timeout {timeout:.0f} s each)")
-    with ThreadPoolExecutor(max_workers=len(kernels)) as pool:
+    with ThreadPoolExecutor(max_workers=len(boots)) as pool:
         runs = list(
-            pool.map(lambda k: boot(k, f"{command} 2>&1", timeout, f"[{k.series}] "), kernels)
+            pool.map(
+                lambda b: boot(b[1], b[2], timeout, f"[{b[0]}] ", b[3]),
+                boots,
+            )
         )
     summary: list[str] = []
     totals = Outcome(passed=0, failed=[], skipped=0)
-    for run in runs:
-        name = f"{run.kernel.series} ({run.kernel.release})"
+    for (label, *_), run in zip(boots, runs, strict=True):
+        name = f"{label} ({run.kernel.release})"
         # What failed before pytest started (a mount, the cd) went to stderr.
-        sys.stdout.write(
-            "".join(f"[{run.kernel.series}] {line}\n" for line in run.read("stderr").splitlines())
-        )
+        sys.stdout.write("".join(f"[{label}] {line}\n" for line in run.read("stderr").splitlines()))
         junit = run.results / "junit.xml"
         problem = guest_failure(run)
         if problem is None and not junit.exists():
@@ -733,7 +759,7 @@ def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
         if problem is not None:
             print_console_tail(run)
             summary.append(f"{name}: FAILED: {problem} (console: {run.console})")
-            totals.failed.append(f"[{run.kernel.release}] {problem}")
+            totals.failed.append(f"[{label}: {run.kernel.release}] {problem}")
             continue
         outcome = parse_junit(junit)
         shutil.rmtree(run.directory)
@@ -742,12 +768,14 @@ def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
             f"{name}: {verdict}: {outcome.passed} passed, {len(outcome.failed)} failed,"
             f" {outcome.skipped} skipped in {run.seconds:.0f} s (pytest exit {run.status})"
         )
-        summary.extend(f"    FAILED [{run.kernel.release}] {node}" for node in outcome.failed)
+        summary.extend(
+            f"    FAILED [{label}: {run.kernel.release}] {node}" for node in outcome.failed
+        )
         totals.passed += outcome.passed
         totals.skipped += outcome.skipped
         totals.failed.extend(outcome.failed)
         if run.status != 0 and not outcome.failed:
-            totals.failed.append(f"[{run.kernel.release}] pytest exit status {run.status}")
+            totals.failed.append(f"[{label}: {run.kernel.release}] pytest exit status {run.status}")
     print("\n===== kernel test summary =====")
     print("\n".join(summary))
     print(f"testbed: {totals.passed} passed, {len(totals.failed)} failed, {totals.skipped} skipped")

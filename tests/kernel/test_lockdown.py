@@ -2,7 +2,9 @@
 
 Lockdown can be raised at run time and never lowered until the next boot; once raised, no
 other test can use tracefs or load the (unsigned) test module. The `lockdown` marker makes
-conftest run these tests after every other one in the guest.
+conftest run these tests after every other one in the guest. A full test bed run also
+boots the newest kernel with `lockdown=confidentiality` on its command line and runs only
+these tests there: a kernel locked down from its start.
 """
 
 from pathlib import Path
@@ -16,16 +18,32 @@ from .helpers import Child
 pytestmark = [pytest.mark.kernel, pytest.mark.lockdown]
 
 LOCKDOWN = Path("/sys/kernel/security/lockdown")
+BOOT_OPTION = "lockdown=confidentiality"
+
+
+def booted_locked_down() -> bool:
+    return BOOT_OPTION in Path("/proc/cmdline").read_text().split()
 
 
 @pytest.fixture(scope="module")
 def confidentiality(tracefs: Path) -> Path:
-    """Raise the running kernel's lockdown to confidentiality; returns tracefs."""
+    """The running kernel's lockdown at confidentiality, raised now unless the kernel was
+    booted so (it cannot be written again then); returns tracefs."""
     if not LOCKDOWN.exists():
         pytest.skip(f"this kernel has no lockdown LSM ({LOCKDOWN} is missing)")
-    LOCKDOWN.write_text("confidentiality")
+    if not booted_locked_down():
+        LOCKDOWN.write_text("confidentiality")
     assert "[confidentiality]" in LOCKDOWN.read_text()
     return tracefs
+
+
+def test_the_kernel_was_locked_down_from_its_start(confidentiality: Path) -> None:
+    if not booted_locked_down():
+        pytest.skip(f"raised at run time here; the test bed's boot with {BOOT_OPTION} runs this")
+    # Locked down before tracing was set up: the kernel did not create tracefs's event
+    # files at all (raised at run time, they are there but refuse to open).
+    assert "[confidentiality]" in LOCKDOWN.read_text()
+    assert not (confidentiality / "available_events").exists()
 
 
 def test_the_kernel_forbids_kprobe_events(confidentiality: Path) -> None:

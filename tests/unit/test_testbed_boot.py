@@ -19,7 +19,9 @@ def fake_runs(
     """boot_once gives, in turn, runs with (status, console text, stdout written)."""
     booted: list[int] = []
 
-    def boot_once(kernel: Any, command: str, timeout: float, stream: str | None) -> Any:
+    def boot_once(
+        kernel: Any, command: str, timeout: float, stream: str | None, append: Any = ()
+    ) -> Any:
         status, console, started = outcomes[len(booted)]
         directory = tmp_path / f"run{len(booted)}"
         (directory / "results").mkdir(parents=True)
@@ -60,3 +62,42 @@ def test_which_dead_guests_boot_again(
     kernel = SimpleNamespace(release="6.12.0-test")
     run = testbed.boot(kernel, "true", 60)  # type: ignore[arg-type]
     assert (len(booted), run.status) == (boots, status)
+
+
+@pytest.mark.parametrize(
+    ("pytest_args", "expected"),
+    [
+        ([], ["6.1 kernel", "6.12 kernel", "6.12 lockdown lockdown=confidentiality"]),
+        (["-k", "stalled"], ["6.1 kernel", "6.12 kernel"]),
+    ],
+)
+def test_a_full_run_boots_the_newest_kernel_locked_down_too(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    pytest_args: list[str],
+    expected: list[str],
+) -> None:
+    booted: list[str] = []
+
+    def boot(kernel: Any, command: str, timeout: float, stream: str, append: Any = ()) -> Any:
+        markers = command.rsplit(" -m ", 1)[1].split(" ", 1)[0]
+        booted.append(" ".join([kernel.series, markers, *append]))
+        directory = tmp_path / f"run{len(booted)}"
+        (directory / "results").mkdir(parents=True)
+        (directory / "results" / "junit.xml").write_text(
+            '<testsuite><testcase file="tests/kernel/t.py" name="test_x"/></testsuite>'
+        )
+        return testbed.GuestRun(kernel, 0, False, directory, 1.0)
+
+    monkeypatch.setattr(testbed, "boot", boot)
+    monkeypatch.setattr(testbed, "compile_on_host", lambda args: None)
+    monkeypatch.setattr(testbed, "log", lambda message: None)
+    kernels = [
+        testbed.Kernel("6.1", "linux-image-6.1.0-56-amd64", "1"),
+        testbed.Kernel("6.12", "linux-image-6.12.117+deb12-amd64", "1"),
+    ]
+    assert testbed.run_tests(kernels, pytest_args) == 0
+    assert sorted(booted) == expected
+    summary = capsys.readouterr().out
+    assert f"testbed: {len(expected)} passed, 0 failed" in summary
