@@ -1,11 +1,13 @@
-"""A capture session: set up probes in modwatch's own tracefs instance, read
-trace_pipe, yield records, and take everything down again.
+"""A capture session: set up probes in modwatch's own two tracefs instances (the main
+one, and the rare one for the events past the permission check), read both
+trace_pipes in one timestamp order, yield records, and take everything down again.
 
 Setup runs in ordered steps, each registering its undo *before* it acts, so that
 an error or a signal at any point leaves nothing behind; teardown undoes every
 step best effort, in reverse. Leftovers of a session that was SIGKILLed are
-removed at the next start: groups and instances are named `modwatch_PID_TOKEN`,
-and only those whose PID no longer runs modwatch are touched.
+removed at the next start: groups and instances are named `modwatch_PID_TOKEN`
+(`modwatch_PID_TOKEN_rare`), and only those whose PID no longer runs modwatch are
+touched.
 """
 
 from __future__ import annotations
@@ -396,8 +398,8 @@ class Capture:
         group = new_group(os.getpid())
         probe_set = self.probe_set = plan(fs, group, not self.options.no_kprobes)
 
-        # Teardown runs in reverse: the instance is removed before the probes, because
-        # removing it disables its events and an enabled probe cannot be removed.
+        # Teardown runs in reverse: the instances are removed before the probes, because
+        # removing one disables its events and an enabled probe cannot be removed.
         for spec in probe_set.probes:
             undo.callback(self._best_effort, fs.remove_probe, spec.removal(), group)
             self._guard(fs.add_probe, spec.definition())
