@@ -222,3 +222,20 @@ def test_damaged_trace(tmp_path: Path, body: str) -> None:
         SavedTrace(str(path))
     assert err.value.status == ExitStatus.BAD_TRACE_FILE
     assert err.value.message.startswith(f"modwatch: {path} is a damaged modwatch trace: ")
+
+
+def test_rare_text_round_trip_and_a_damaged_rare_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    text = entry("\udcff\n#mw-rare- x")  # raw bytes and a marker-like comm survive
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as stream:
+        writer = TraceWriter(stream, PSET, OFFSET)
+        writer.text(text, rare=True)
+        writer.text(ret())
+    saved = SavedTrace(str(path))
+    assert saved.rare_chunks == [text]
+    assert "".join(saved.chunks()) == ret()
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write(f"{tracefile.rare_marker(PSET.group)}5\n")
+    with pytest.raises(ModwatchError) as caught:
+        SavedTrace(str(path))
+    assert caught.value.status == ExitStatus.BAD_TRACE_FILE
