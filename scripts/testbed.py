@@ -9,6 +9,9 @@ runs the host's Python and this checkout's venv, as root.
     scripts/testbed.py run [--kernels 6.1,6.12] [PYTEST_ARGS...]
     scripts/testbed.py exec --kernel 6.1 -- COMMAND...
 
+`run` runs `pytest -m kernel` in each kernel; without PYTEST_ARGS it also boots the newest
+kernel with lockdown=confidentiality and runs `pytest -m lockdown` there.
+
 Environment: KERNELS (default kernel series, comma-separated), MODWATCH_TESTBED_CACHE (cache
 directory, default <checkout>/.cache/testbed), MODWATCH_TESTBED_TIMEOUT (seconds before a guest
 is killed and counted as failed, default 1200).
