@@ -364,6 +364,8 @@ def prepare(series_list: Sequence[str]) -> list[Kernel]:
         # Another test bed command may be preparing the same cache.
         fcntl.flock(lock, fcntl.LOCK_EX)
         apt = Apt()
+        # First: unpacking runs depmod (kmod), and a fresh machine may not have it yet.
+        apt.install_missing(HOST_PACKAGES)
         kernels = resolve(series_list, apt)
         try:
             for kernel in kernels:
@@ -378,7 +380,7 @@ def prepare(series_list: Sequence[str]) -> list[Kernel]:
                 if not kernel.toolchain_list.exists():
                     unpack(kernel, apt)
         toolchain = [name for k in kernels for name in k.toolchain_list.read_text().split()]
-        apt.install_missing([*HOST_PACKAGES, *toolchain])
+        apt.install_missing(toolchain)
         for kernel in kernels:
             build_modules(kernel)
     return kernels
