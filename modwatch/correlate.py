@@ -28,6 +28,7 @@ from modwatch import filepath
 from modwatch.decode import LOAD_FLAGS, UNLOAD_FLAGS, errno_name, flag_names
 from modwatch.modfile import FILE_KEYS, FileFacts
 from modwatch.parser import Event, Lost
+from modwatch.pathsearch import Target
 
 SCHEMA_VERSION = 1
 SYSCALLS = ("finit_module", "init_module", "delete_module")
@@ -132,6 +133,8 @@ class FileRequest(NamedTuple):
     path: str | None
     wall_ns: int
     ino: int | None
+    # The kernel's names did not reach the top, nor did /proc: what to find it by.
+    search: Target | None = None
 
 
 class Enricher(Protocol):
@@ -162,6 +165,8 @@ class Pending(NamedTuple):
 
 def apply_file_facts(record: Record, facts: FileFacts) -> None:
     record.update((key, getattr(facts, key)) for key in FILE_KEYS)
+    if facts.path is not None:  # found on the file system: the kernel's names were cut
+        record["path"], record["path_source"] = facts.path, filepath.SEARCH
     reasons = {**(record["reasons"] or {}), **(facts.reasons or {})}
     record["reasons"] = {k: v for k, v in reasons.items() if record.get(k) is None} or None
 
@@ -339,8 +344,13 @@ class Correlator:
             path, _ = filepath.choose(op.kernel_path, op.caller.path, op.caller.path_ino)
             if op.fd is not None or path is not None:
                 wall_ns = (op.ts_us + self.clock.offset_us) * 1000
-                ino = op.kernel_path.ino if op.kernel_path is not None else None
-                request = FileRequest(op.tid, op.ts_us, op.caller.pid, op.fd, path, wall_ns, ino)
+                kpath = op.kernel_path
+                ino = kpath.ino if kpath is not None else None
+                # /proc did not complete a path the kernel cut: find its top by searching.
+                search = kpath.target() if kpath is not None and path == kpath.text() else None
+                request = FileRequest(
+                    op.tid, op.ts_us, op.caller.pid, op.fd, path, wall_ns, ino, search
+                )
                 op.file_job = self.enricher.module_file(request)
         return records
 

@@ -22,7 +22,9 @@ What one event carries, for mount m = 0 (the file's own) and the mounts above it
 The kernel accepts a fetch-arg of at most 63 characters (MAX_ARGSTR_LEN), and each
 level of the chain adds one dereference to the text: a mount shows as many names as fit
 (8 for the file's own mount with two-digit offsets). A path whose top lies beyond them
-is marked truncated, unless the path from /proc agrees with every name the kernel gave.
+is completed from /proc when /proc's path agrees with every name the kernel gave, else
+found on the file system (`modwatch.pathsearch`: the directory those names lead from to
+the kernel's inode), else marked truncated.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from modwatch.pathsearch import Target
 
 # Names fetched for the file's own mount and the mounts above it (as many as fit).
 # The last mount gets no names: it is there to recognise the top of the tree. A system
@@ -40,6 +44,9 @@ MOUNTS = len(NAMES)
 MAX_ARG_TEXT = 63  # MAX_ARGSTR_LEN: the longest fetch-arg text the kernel takes
 TRUNCATED = "[truncated]"  # leads a path whose top could not be reached: never absolute
 DELETED = " (deleted)"  # as the kernel's d_path and /proc/PID/fd write it
+# path_source of a path whose top the kernel's names did not reach, found on the file
+# system as the directory those names lead from to the kernel's inode (modwatch.pathsearch)
+SEARCH = "search"
 
 # Struct members whose offsets the probe needs, as BTF member paths.
 MEMBERS = (
@@ -134,34 +141,70 @@ class KernelPath(NamedTuple):
     complete: bool  # False: the top lies beyond the levels fetched
     deleted: bool
     ino: int | None = None  # the file's inode number, where the kernel's BTF gave it
+    # Not complete: where the file's own mount is mounted, when the mounts above were
+    # within reach (the names are then all on that mount).
+    mount: str | None = None
 
     def text(self) -> str:
         path = "/" + "/".join(self.names)
         return (path if self.complete else TRUNCATED + path) + (DELETED if self.deleted else "")
 
+    def target(self) -> Target | None:
+        """What to find the whole path by on the file system, where the kernel's names
+        did not reach its top (and the file was not unlinked)."""
+        if self.complete or self.deleted or self.ino is None:
+            return None
+        return Target(self.names, self.ino, self.mount)
+
+
+class _Cut(Exception):
+    """A mount's chain goes on beyond the names fetched."""
+
+
+class _Unreadable(Exception):
+    """A name the kernel could not read."""
+
+
+def _chain(fields: Mapping[str, int | str | None], m: int) -> list[str]:
+    """Mount m's names, leaf first."""
+    names: list[str] = []
+    root = fields.get(f"r{m}")
+    while fields.get(f"d{m}_{len(names)}") != root:
+        key = f"n{m}_{len(names)}"
+        if key not in fields:
+            raise _Cut(names)
+        name = fields[key]
+        if not isinstance(name, str):
+            raise _Unreadable
+        names.append(name)
+    return names
+
 
 def rebuild(fields: Mapping[str, int | str | None]) -> KernelPath | None:
     """The path from one file event's fields; None if a name could not be read."""
     parts: list[str] = []  # leaf first
-    complete = False
     ino = fields.get("ino")
     ino = ino if isinstance(ino, int) else None
+    gone = fields.get("hash") == 0
+    own: list[str] | None = None  # the file's own mount's names, when cut
     for m in range(MOUNTS):
-        root = fields.get(f"r{m}")
-        k = 0
-        while fields.get(f"d{m}_{k}") != root:
-            name = fields.get(f"n{m}_{k}")
-            if f"n{m}_{k}" not in fields:  # beyond the names fetched
-                return KernelPath(tuple(reversed(parts)), False, fields.get("hash") == 0, ino)
-            if not isinstance(name, str):
-                return None
-            parts.append(name)
-            k += 1
+        try:
+            names = _chain(fields, m)
+        except _Cut as cut:
+            names = cut.args[0]
+            if m or own is not None:
+                own = own or parts + names
+                return KernelPath(tuple(reversed(own)), False, gone, ino)
+            own = names
+        except _Unreadable:
+            return None
+        parts += names
         if m and fields.get(f"p{m + 1}") == fields.get(f"p{m}"):
-            complete = True
-            break
-    deleted = fields.get("hash") == 0 and bool(parts)
-    return KernelPath(tuple(reversed(parts)), complete, deleted, ino)
+            if own is not None:  # the mounts above are whole: where the file's mount is
+                mount = "/" + "/".join(reversed(parts[len(own) :]))
+                return KernelPath(tuple(reversed(own)), False, gone, ino, mount)
+            return KernelPath(tuple(reversed(parts)), True, gone and bool(parts), ino)
+    return KernelPath(tuple(reversed(own or parts)), False, gone and bool(own or parts), ino)
 
 
 def choose(

@@ -18,6 +18,8 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
+from modwatch.pathsearch import Finder, Target
+
 SIGNATURE_MAGIC = b"~Module signature appended~\n"
 MAX_DECOMPRESSED = 512 << 20  # a bound against a decompression bomb
 _MAGIC = ((b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zst"), (b"\x1f\x8b", "gz"))
@@ -46,6 +48,7 @@ class FileFacts(NamedTuple):
     vermagic: str | None = None
     srcversion: str | None = None
     reasons: dict[str, str] | None = None  # why a fact is None where it could be known
+    path: str | None = None  # the path found where the kernel's names were cut
 
 
 def compression(data: bytes) -> str | None:
@@ -201,27 +204,33 @@ def done(facts: FileFacts) -> Future[FileFacts]:
 
 
 class FileReader:
-    """Reads module files off the reader's path, in worker threads."""
+    """Reads module files off the reader's path, in worker threads, and finds the top of
+    a path the kernel could only give in part."""
 
     def __init__(self, hashing: bool = True, workers: int = 2) -> None:
         self.hashing = hashing
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
+        self._finder: Finder | None = None
 
     def start(
-        self, fd: int | None, path: str | None, wall_ns: int, ino: int | None = None
+        self,
+        fd: int | None,
+        path: str | None,
+        wall_ns: int,
+        ino: int | None = None,
+        search: Target | None = None,
     ) -> Future[FileFacts]:
-        """Read the file open as `fd` (taken over: closed when read), else at `path`.
-        With `ino`, a file with another inode number is not the one loaded: an fd holding
-        one is not read, and a path naming one is read but marked stale."""
-        tree = in_tree(path) if path is not None and path.startswith("/") else None
+        """Read the file open as `fd` (taken over: closed when read), else at `path`, else
+        where `search` finds it. With `ino`, a file with another inode number is not the
+        one loaded: an fd holding one is not read, and a path naming one is read but
+        marked stale."""
         if not self.hashing:
             if fd is not None:
                 os.close(fd)
-            return done(
-                FileFacts(in_tree=tree, reasons=dict.fromkeys(READ_KEYS, "not read: --no-hash"))
-            )
-        return self._workers().submit(_read, fd, path, wall_ns, tree, ino)
+            if search is None:
+                return done(_not_read(path))
+        return self._workers().submit(self._job, fd, path, wall_ns, ino, search)
 
     def prepare(self) -> None:
         """Start the workers and load what hashing needs (OpenSSL) now, not at the first
@@ -238,10 +247,33 @@ class FileReader:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _job(
+        self,
+        fd: int | None,
+        path: str | None,
+        wall_ns: int,
+        ino: int | None,
+        search: Target | None,
+    ) -> FileFacts:
+        if self._finder is None:
+            self._finder = Finder()
+        found = None
+        if search is not None:
+            path = found = self._finder.find(search)
+        if path is not None and not path.endswith(" (deleted)"):
+            self._finder.remember(path)  # where later module files may be found
+        if not self.hashing:
+            return _not_read(path)._replace(path=found)
+        return _read(fd, path, wall_ns, ino)._replace(path=found)
 
-def _read(
-    fd: int | None, path: str | None, wall_ns: int, tree: bool | None, ino: int | None
-) -> FileFacts:
+
+def _not_read(path: str | None) -> FileFacts:
+    tree = in_tree(path) if path is not None and path.startswith("/") else None
+    return FileFacts(in_tree=tree, reasons=dict.fromkeys(READ_KEYS, "not read: --no-hash"))
+
+
+def _read(fd: int | None, path: str | None, wall_ns: int, ino: int | None) -> FileFacts:
+    tree = in_tree(path) if path is not None and path.startswith("/") else None
     if fd is not None and ino is not None and _ino(fd) != ino:
         os.close(fd)  # the loader's fd number holds another file by now
         fd = None

@@ -281,7 +281,8 @@ class ProcEnricher:
         """The loader's file, opened again through /proc while its call is in flight (the
         very file the kernel read), and read in a worker; by its path if that fails, if
         the fd holds another file by then (not the inode the kernel read), or if the fd
-        is unknown (the call's entry was lost)."""
+        is unknown (the call's entry was lost); a path the kernel cut is looked for
+        first (`request.search`)."""
         r = request
         own: int | None = None
         if r.fd is not None:
@@ -291,7 +292,7 @@ class ProcEnricher:
                 )
             except OSError:
                 own = None
-        return self.files.start(own, r.path, r.wall_ns, r.ino)
+        return self.files.start(own, r.path, r.wall_ns, r.ino, r.search)
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         facts = caller(tid, fd, self.procfs, self.ancestors)

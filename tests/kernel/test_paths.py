@@ -3,7 +3,8 @@
 One capture session loads the test module from files placed to test the dentry chain:
 on a tmpfs mount of its own, with spaces, through a symlink, unlinked after open, with
 a file name that holds quotes, a newline and fake trace text, deeper than the kernel's
-names reach, and a Debian module under /lib/modules.
+names reach (completed from /proc, or found on the file system), and a Debian module
+under /lib/modules.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ GONE = TOP / "gone.ko"
 # Quotes, a newline, fake fields and a fake lost-events line: cut by its length.
 EVIL = TOP / 'q" n0_1="x\nCPU:0 [LOST 9 EVENTS]\nz.ko'
 DEEP = TOP.joinpath(*"abcdefghij", "mw.ko")  # 11 names on its mount: beyond the 8 fetched
+WALKED = TOP.joinpath(*"klmnopqrs", "mw.ko")  # as deep, where no earlier path leads
 
 Record = dict[str, Any]
 
@@ -44,7 +46,7 @@ def files(mwtest_ko: Path) -> Iterator[None]:
     TOP.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "mwpath", str(TOP)], check=True)
     try:
-        for target in (SPACED, GONE, EVIL, DEEP):
+        for target in (SPACED, GONE, EVIL, DEEP, WALKED):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(mwtest_ko, target)
         LINK.symlink_to(SPACED.relative_to(TOP))
@@ -74,14 +76,19 @@ def paths(files: None, mwload: str, tmp_path_factory: pytest.TempPathFactory) ->
     # Loads on 6.1; on 6.12 the .ko.xz fails (no MODULE_INIT_COMPRESSED_FILE flag) after
     # the kernel has read the file: either way the path was read.
     ops += ["finit", str(debian_module()), "", "delete", "nls_cp737"]
+    # The capture (this process) stopped while a load comes and goes: /proc, read when
+    # the capture handles its entry, no longer has the caller.
+    me = str(os.getpid())
+    stopped = [["kill", "-STOP", me], [mwload, "finit", str(WALKED), ""], ["kill", "-CONT", me]]
+    command = script(tmp, [mwload, *ops], *stopped, [mwload, "delete", "mwtest"])
     trace = tmp / "paths.trace"
     with open(trace, "w", encoding="utf-8", errors="surrogateescape") as saved:
         releaser = Releaser(trace, mwload, loads=2)
-        cap = Capture(Options(command=script(tmp, [mwload, *ops]), save_trace=saved))
+        cap = Capture(Options(command=command, save_trace=saved))
         records = list(cap.run())
     markers = releaser.done()
     assert cap.stats.unparsed == 0
-    assert cap.stats.command_status == 1  # the duplicate load fails, on purpose
+    assert cap.stats.command_status == 0  # the last unload's
     # The saved trace notes what /proc gave for each syscall entry, in order.
     asked = [c.get("path") for c in callers_seen(trace) if c["tid"] not in markers]
     ops_records = [r for r in records if r["type"] in ("load", "unload")]
@@ -134,16 +141,26 @@ def test_kernel_and_proc_agree(paths: PathSession) -> None:
 def test_debian_module_under_lib_modules(paths: PathSession) -> None:
     # In the guest, /lib/modules/VERSION leads into the test bed's cache, 11 names deep
     # on one mount: deeper than the kernel's 8. The kernel's names are the end of the
-    # real path; /proc completes it if it was read in time, else it stays truncated.
+    # real path; /proc completes it if it was read in time, else the directory above
+    # where /lib/modules/VERSION really is leads to the kernel's inode.
     load = paths.loads[7]
     real = os.path.realpath(debian_module())
-    tail = "[truncated]/" + "/".join(real.split("/")[-8:])
     got = (load["path"], load["path_source"])
-    assert got in ((real, "proc"), (tail, "kernel")), (got, real)
+    expected = (real, "proc") if paths.proc_paths[7] else (real, "search")
+    assert got == expected, paths.proc_paths[7]
     assert paths.proc_paths[7] in (real, None)
+
+
+def test_deep_path_of_a_caller_gone_is_found_on_its_mount(paths: PathSession) -> None:
+    # Neither the kernel's names reach the top nor could /proc be read: the top is found
+    # by walking the file's mount for the directory the names lead from to its inode.
+    load = paths.loads[8]
+    assert paths.proc_paths[8] is None
+    assert (load["path"], load["path_source"], load["ok"]) == (str(WALKED), "search", True)
+    assert load["sha256"] is not None and load["hash_source"] == "path"
 
 
 def test_every_load_was_one_record(paths: PathSession) -> None:
     assert [r["ok"] for r in paths.loads[:7]] == [True, True, False, True, True, True, True]
-    assert len(paths.loads) == 8
+    assert len(paths.loads) == 9
     assert os.path.ismount(TOP)

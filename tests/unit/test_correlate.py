@@ -20,6 +20,7 @@ from modwatch.correlate import (
 )
 from modwatch.modfile import FILE_KEYS, FileFacts
 from modwatch.parser import Event, Lost
+from modwatch.pathsearch import Target
 
 OFFSET_US = 1_795_896_899_778_149  # the fixture's clock offset
 # A record's keys when /proc was not asked, and when no module file was read.
@@ -850,6 +851,34 @@ def test_apply_file_facts_merges_reasons() -> None:
     )
     assert (rec["sha256"], rec["size"], rec["hash_source"]) == ("ab", 2, "fd")
     assert rec["reasons"] == {"exe": "gone", "vermagic": "none"}
+
+
+# The kernel's names of a file on a mount at /run: cut after the file's own name.
+CUT_FILE = {"id": 2, "hash": 1, "ino": 5, "r0": 1, "d0_0": 2, "n0_0": "mw.ko", "d0_1": 3}
+CUT_FILE |= {"r1": 9, "d1_0": 10, "n1_0": "run", "d1_1": 9, "p1": 7, "p2": 7}
+
+
+@pytest.mark.parametrize(
+    ("proc", "search"),
+    [
+        (None, Target(("mw.ko",), 5, "/run")),
+        ("/run/deep/mw.ko", None),  # /proc agrees with the kernel's names: no search
+    ],
+)
+def test_a_path_the_kernel_cut_is_searched_for_unless_proc_had_it(
+    proc: str | None, search: Target | None
+) -> None:
+    enricher = FakeEnricher({244: Caller(244, 0, proc)})
+    enricher.file_jobs[244] = Future()
+    correlator = Correlator(CLOCK, enricher)
+    events = load_events()
+    events.insert(1, ev("module_file", 244, 248_980_000, **CUT_FILE))
+    [record] = feed(correlator, events)
+    [request] = enricher.files
+    assert (request.path, request.ino, request.search) == (proc or "[truncated]/mw.ko", 5, search)
+    assert (record["path"], record["path_source"]) == (request.path, "proc" if proc else "kernel")
+    correlate.apply_file_facts(record, FileFacts(path="/run/deep/mw.ko"))
+    assert (record["path"], record["path_source"]) == ("/run/deep/mw.ko", "search")
 
 
 # -- operations whose syscall entry was lost (a flood overran the main instance) -------

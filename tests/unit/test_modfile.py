@@ -17,6 +17,7 @@ import pytest
 
 from modwatch import modfile
 from modwatch.modfile import FileFacts, FileReader
+from modwatch.pathsearch import Target
 
 INFO = (
     b"version=1.0\0license=GPL\0srcversion=0123456789ABCDEF012345\0"
@@ -228,3 +229,25 @@ def test_an_fd_holding_another_file_is_not_read(tmp_path: Path) -> None:
     assert (renamed.hash_source, renamed.stale) == ("path", True)
     assert renamed.reasons is not None
     assert renamed.reasons["stale"] == f"{other} is another file than the one loaded"
+
+
+@pytest.mark.parametrize("hashing", [True, False])
+def test_a_path_the_kernel_cut_is_found_and_then_read(tmp_path: Path, hashing: bool) -> None:
+    deep = tmp_path.joinpath(*"abcdefghij", "m.ko")
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(elf())
+    names = deep.parts[-8:]
+    search = Target(names, deep.stat().st_ino, str(tmp_path))
+    reader = FileReader(hashing=hashing)
+    try:
+        cut = "[truncated]/" + "/".join(names)
+        facts = reader.start(None, cut, time.time_ns(), search.ino, search).result(timeout=10)
+        # Where one file was found, the next one is looked for first, without a walk.
+        assert reader._finder is not None
+        reader._finder.max_dirs = 0
+        again = reader.start(None, cut, time.time_ns(), search.ino, search).result(timeout=10)
+    finally:
+        reader.close()
+    assert facts.path == again.path == str(deep)
+    expected = ("path", len(elf())) if hashing else (None, None)
+    assert (facts.hash_source, facts.size) == expected
