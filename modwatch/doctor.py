@@ -156,7 +156,8 @@ def fields_from(probe_set: ProbeSet, record_tgid: bool) -> dict[str, str]:
         "module": source("find_module", "kernel (find_module_all, do_init_module)"),
         "path": source(
             "module_file",
-            "kernel (security_kernel_read_file, BTF offsets); /proc where deeper",
+            "kernel (security_kernel_read_file, BTF offsets);"
+            " deeper: /proc, else a search by inode",
             "/proc/PID/fd/FD while the call is in flight (racy)",
         ),
         "params": source("module_params", "kernel (parse_args, the intact copy)"),
