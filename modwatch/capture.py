@@ -22,7 +22,6 @@ import os
 import select
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -487,6 +486,8 @@ class Capture:
         session looks, so that its probes and instance are still removed."""
         if fs.exists("instances"):
             return
+        import tempfile  # rarely needed: not loaded by every start
+
         point = tempfile.mkdtemp(prefix="modwatch-tracefs-")
         try:
             tracefs.mount(point)

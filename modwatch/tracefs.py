@@ -8,7 +8,6 @@ append: a truncating open would delete every kprobe on the system.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import re
@@ -55,6 +54,8 @@ def find_mount(mounts_path: str = PROC_MOUNTS) -> str | None:
 
 def mount(target: str = DEFAULT_MOUNTPOINT) -> None:
     """Mount tracefs at `target` (the kernel creates /sys/kernel/tracing for it)."""
+    import ctypes  # rarely needed: not loaded by every start
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"nodev", target.encode(), b"tracefs", 0, None) != 0:
         err = ctypes.get_errno()
@@ -62,6 +63,8 @@ def mount(target: str = DEFAULT_MOUNTPOINT) -> None:
 
 
 def unmount(target: str) -> None:
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.umount2(target.encode(), 0) != 0:
         err = ctypes.get_errno()
