@@ -242,7 +242,7 @@ def btf_offsets() -> tuple[Callable[[str], int | None], str]:
         except btf.BTFError:
             return None
 
-    return offset, f"BTF: {btf.VMLINUX} ({len(types)} types)"
+    return offset, f"BTF: {btf.VMLINUX}"
 
 
 def plan_offline(group: str, kprobes: bool = True) -> tuple[ProbeSet, str | None]:

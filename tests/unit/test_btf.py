@@ -126,6 +126,19 @@ def test_errors_name_what_is_missing(path: str, message: str) -> None:
         sample().offset(path)
 
 
+def test_the_walk_stops_at_the_types_asked_for() -> None:
+    b = Builder()
+    u32 = b.int_("unsigned int", 4)
+    b.struct_("early", 8, [("a", u32, 0), ("b", u32, 32)])
+    # A struct whose record claims more members than the section holds: the section
+    # ends inside it, which is found only by a walk that gets that far.
+    b.add(btf.STRUCT, "broken", 8, struct.pack("<III", 0, u32, 0), vlen=5)
+    t = BTF(b.blob())
+    assert t.offset("early.b") == 4
+    with pytest.raises(BTFError, match="ends inside a type"):
+        len(t)
+
+
 def test_not_btf() -> None:
     with pytest.raises(BTFError, match="not BTF"):
         BTF(b"\0" * 64)
