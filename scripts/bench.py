@@ -302,7 +302,10 @@ def latency(loads: int = 20, pause: float = 0.5) -> dict[str, Any]:
             at = time.monotonic_ns()
             record = json.loads(line)
             if record["type"] in ("load", "unload"):
-                seen[(record["pid"], record["type"])] = at
+                # By tid, always the kernel's (pid is null for a caller gone before
+                # /proc was read and before the kernel noted its tgid); mwload has one
+                # thread, so its tid is its pid.
+                seen[(record["tid"], record["type"])] = at
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
