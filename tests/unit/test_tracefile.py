@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from modwatch import output, tracefile
-from modwatch.correlate import Caller
+from modwatch.correlate import Caller, FileRequest
 from modwatch.errors import ExitStatus, ModwatchError
+from modwatch.modfile import FileFacts
 from modwatch.parser import Event, Parser
 from modwatch.probes import ProbeSet
 from modwatch.tracefile import SavedTrace, TraceWriter
@@ -239,3 +240,18 @@ def test_rare_text_round_trip_and_a_damaged_rare_line(tmp_path: Path) -> None:
     with pytest.raises(ModwatchError) as caught:
         SavedTrace(str(path))
     assert caught.value.status == ExitStatus.BAD_TRACE_FILE
+
+
+def test_module_file_facts_round_trip_with_a_path_found_by_search(tmp_path: Path) -> None:
+    # The path a search found (the kernel's names cut) is replayed as it was reported.
+    path = tmp_path / "t.trace"
+    facts = FileFacts(sha256="ab" * 32, size=9, hash_source="path", path="/a/b/mw.ko")
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as stream:
+        writer = TraceWriter(stream, PSET, OFFSET)
+        writer.text(entry("insmod"))
+        writer.module_file(250, 256_978_274, facts)
+        writer.flush()
+    saved = SavedTrace(str(path))
+    request = FileRequest(250, 256_978_274, 250, 3, "[truncated]/b/mw.ko", 0, 5)
+    job = saved.module_file(request)
+    assert job is not None and job.result() == facts
