@@ -515,7 +515,11 @@ def test_tracepoints_only(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
     ]
     assert "O" in records[0]["taints"]
     assert records[0]["flags"] == [] and records[2]["flags"] == ["O_NONBLOCK"]
-    assert {r["pid"] for r in records} == {records[0]["tid"]}
+    # mwload is one thread. Its pid may be null where it exited before /proc was read and
+    # before the kernel noted its tgid (README, Known limits), never another number.
+    pids = {r["pid"] for r in records}
+    assert records[0]["tid"] in pids and pids <= {records[0]["tid"], None}
+    assert {r["tid"] for r in records} == {records[0]["tid"]}
     assert leftovers() == set()
 
 
