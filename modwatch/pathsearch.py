@@ -9,7 +9,7 @@ lead to that inode on that file system, without trusting any path it did not che
 - first the directories above places module files were found before (the paths of
   earlier loads, and where /lib/modules/$(uname -r) really is), one stat each;
 - then a breadth-first walk of the file's mount, not crossing into other mounts, bounded
-  in directories read.
+  in directories read and in time.
 
 A file that was unlinked, renamed or replaced since has no such directory: the path then
 stays as the kernel gave it, marked truncated.
@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 MAX_DIRS = 20_000  # directories read by one walk, at most
+# And for at most this long: a record waits that long for its file's facts (the
+# capture's FILE_WAIT), and a walk in Python takes the interpreter from the reader.
+MAX_SECONDS = 2.0
 MAX_HINTS = 64  # directories remembered from earlier paths
 
 
@@ -48,8 +52,14 @@ def ancestors(path: str) -> Iterator[str]:
 class Finder:
     """Finds targets, remembering where module files were (thread-safe)."""
 
-    def __init__(self, max_dirs: int = MAX_DIRS, module_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        max_dirs: int = MAX_DIRS,
+        module_dir: str | None = None,
+        max_seconds: float = MAX_SECONDS,
+    ) -> None:
         self.max_dirs = max_dirs
+        self.max_seconds = max_seconds
         self._lock = threading.Lock()
         self._hints: dict[str, None] = {}  # directories, oldest first
         self._add(os.path.realpath(module_dir or f"/lib/modules/{os.uname().release}"))
@@ -88,7 +98,7 @@ class Finder:
                     return os.path.join(directory, *target.names)
         if target.mount is None or dev is None:
             return None
-        found = _walk(target, dev, self.max_dirs)
+        found = _walk(target, dev, self.max_dirs, time.monotonic() + self.max_seconds)
         return None if found is None else os.path.join(found, *target.names)
 
 
@@ -100,13 +110,13 @@ def _leads_to(directory: str, target: Target, dev: int | None) -> bool:
     return st.st_ino == target.ino and (dev is None or st.st_dev == dev)
 
 
-def _walk(target: Target, dev: int, max_dirs: int) -> str | None:
+def _walk(target: Target, dev: int, max_dirs: int, deadline: float) -> str | None:
     """Breadth-first from the mount's top: a directory holding the first name that
     leads to the file. Directories on other file systems are not entered."""
     top = target.names[0]
     queue: deque[str] = deque([target.mount or "/"])
     read = 0
-    while queue and read < max_dirs:
+    while queue and read < max_dirs and time.monotonic() < deadline:
         directory = queue.popleft()
         read += 1
         try:

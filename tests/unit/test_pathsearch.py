@@ -71,6 +71,8 @@ def test_a_file_replaced_since_is_not_found(tree: Path) -> None:
 def test_the_walk_is_bounded(tree: Path) -> None:
     assert finder(max_dirs=3).find(target(tree)) is None
     assert finder(max_dirs=20).find(target(tree)) is not None
+    out_of_time = Finder(20, module_dir="/no/such/directory", max_seconds=0)
+    assert out_of_time.find(target(tree)) is None
 
 
 def test_a_mount_modwatch_cannot_see_gives_nothing(tree: Path) -> None:
