@@ -407,6 +407,7 @@ class Capture:
         # can overrun (probes.RARE_KINDS), everything else in the main one.
         self.instance, rare = group, rare_instance(group)
         clock_name, clock_id = _CLOCKS[0]
+        task_groups = None
         for name in (group, rare):
             undo.callback(self._best_effort, fs.remove_instance, name)
             self._guard(fs.make_instance, name)
@@ -415,7 +416,9 @@ class Capture:
             # have exited before /proc can be asked. An option of this instance only.
             record_tgid = os.path.join(base, "options", "record-tgid")
             if fs.exists(record_tgid):
-                self._best_effort(fs.write, record_tgid, "1")
+                with contextlib.suppress(OSError):  # else the pid comes from /proc only
+                    fs.write(record_tgid, "1")
+                    task_groups = tracefs.TaskGroups(fs)
             if name == group:
                 self._size_buffer(fs, base)
                 clock_name, clock_id = next(
@@ -455,7 +458,11 @@ class Capture:
         if self.options.save_trace is not None:
             writer = TraceWriter(self.options.save_trace, probe_set, clock.offset_us)
         self._saver = writer
-        enricher: Enricher = ProcEnricher(record=writer.caller if writer else None, files=files)
+        enricher: Enricher = ProcEnricher(
+            record=writer.caller if writer else None,
+            files=files,
+            tgid_of=None if task_groups is None else task_groups.tgid,
+        )
         return Correlator(clock, enricher, _has_params_probe(probe_set))
 
     def _size_buffer(self, fs: tracefs.Tracefs, base: str) -> None:

@@ -271,11 +271,13 @@ class ProcEnricher:
         procfs: str = PROCFS_PATH,
         record: Callable[[int, int, Caller], None] | None = None,
         files: FileReader | None = None,
+        tgid_of: Callable[[int], int | None] | None = None,
     ) -> None:
         self.procfs = procfs
         self.record = record
         self.files = files or FileReader()
         self.ancestors = AncestryCache(procfs)
+        self.tgid_of = tgid_of  # the kernel's thread-to-process map (tracefs.TaskGroups)
 
     def module_file(self, request: FileRequest) -> Future[FileFacts]:
         """The loader's file, opened again through /proc while its call is in flight (the
@@ -296,6 +298,9 @@ class ProcEnricher:
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
         facts = caller(tid, fd, self.procfs, self.ancestors)
+        if facts.gone and facts.pid is None and self.tgid_of is not None:
+            # Exited: switched out for the last time, when the kernel noted its process.
+            facts = facts._replace(pid=self.tgid_of(tid))
         if self.record is not None:
             self.record(tid, ts_us, facts)
         return facts

@@ -11,7 +11,8 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from modwatch import tpformat
@@ -266,6 +267,38 @@ class Tracefs:
 
     def has_tracepoint(self, system: str, event: str) -> bool:
         return self.exists("events", system, event)
+
+
+class TaskGroups:
+    """The kernel's map from a thread to its process (`saved_tgids`, kept while an
+    instance has record-tgid set), which the trace's `(TGID)` column is printed from.
+
+    The kernel notes a thread there at its first switch after one of its events, so an
+    event read at once may show no tgid; once the thread has exited (switched out for
+    the last time), the map has it. It is read again when the last reading is
+    `interval` seconds old (it lists every thread noted, thousands of lines): a reading
+    that young cannot hold a thread number already reused by another process.
+    """
+
+    def __init__(
+        self, fs: Tracefs, interval: float = 0.1, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.fs = fs
+        self.interval = interval
+        self.clock = clock
+        self._map: dict[int, int] = {}
+        self._read_at: float | None = None
+
+    def tgid(self, tid: int) -> int | None:
+        now = self.clock()
+        if self._read_at is None or now - self._read_at >= self.interval:
+            self._read_at = now
+            try:
+                pairs = (line.split() for line in self.fs.lines("saved_tgids"))
+                self._map = {int(p[0]): int(p[1]) for p in pairs if len(p) == 2}
+            except (OSError, ValueError):
+                self._map = {}
+        return self._map.get(tid)
 
 
 class Symbols:

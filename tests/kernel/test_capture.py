@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -521,6 +522,39 @@ def test_tracepoints_only(tmp_path: Path, mwload: str, mwtest_ko: Path) -> None:
     assert records[0]["tid"] in pids and pids <= {records[0]["tid"], None}
     assert {r["tid"] for r in records} == {records[0]["tid"]}
     assert leftovers() == set()
+
+
+# A second thread of a Python process calls delete_module (x86_64: 176) for a module
+# that is not there, and says its process and thread ids; then the process exits.
+THREADED_CALL = f"""
+import ctypes, os, threading
+def call():
+    print(os.getpid(), threading.get_native_id(), flush=True)
+    ctypes.CDLL(None, use_errno=True).syscall(176, b"{MARKER}", 0)
+thread = threading.Thread(target=call)
+thread.start()
+thread.join()
+"""
+
+
+def test_the_kernels_map_gives_the_process_of_a_thread_gone(tmp_path: Path) -> None:
+    # The pid of a caller that exited before /proc was read comes from the kernel's map
+    # (tracefs.TaskGroups): once a thread with an event in a session has exited, the
+    # map has its process, here not its own thread id.
+    out = tmp_path / "gone.jsonl"
+    child = Child("capture", "-o", str(out))
+    child.instance()  # armed
+    done = subprocess.run(
+        [sys.executable, "-c", THREADED_CALL], capture_output=True, text=True, check=True
+    )
+    pid, tid = (int(n) for n in done.stdout.split())
+    assert tid != pid
+    assert tracefs_mod.TaskGroups(tracefs_mod.Tracefs(str(TRACEFS))).tgid(tid) == pid
+    child.send_signal(signal.SIGINT)
+    assert child.wait() == 0, child.rest_of_stderr()
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (record["module"], record["tid"], record["pid"]) == (MARKER, tid, pid)
+    assert record["errno"] == "ENOENT"
 
 
 def without_btf() -> None:

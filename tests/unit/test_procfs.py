@@ -210,6 +210,28 @@ def test_proc_enricher_records_what_it_read(proc: str) -> None:
     assert seen[-1] == (77, 5, Caller(None, None, None, gone=True))
 
 
+def test_proc_enricher_asks_the_kernels_map_for_the_pid_of_a_caller_gone() -> None:
+    asked: list[int] = []
+
+    def tgid_of(tid: int) -> int | None:
+        asked.append(tid)
+        return {77: 70}.get(tid)
+
+    seen: list[Caller] = []
+    enricher = procfs.ProcEnricher(
+        "/nonexistent", record=lambda tid, ts, facts: seen.append(facts), tgid_of=tgid_of
+    )
+    assert enricher.caller(77, 5, None) == Caller(70, None, None, gone=True)
+    assert enricher.caller(78, 6, None) == Caller(None, None, None, gone=True)
+    assert seen == [Caller(70, None, None, gone=True), Caller(None, None, None, gone=True)]
+    assert asked == [77, 78]
+
+
+def test_proc_enricher_does_not_ask_the_map_for_a_caller_still_there(proc: str) -> None:
+    enricher = procfs.ProcEnricher(proc, tgid_of=lambda tid: pytest.fail("asked"))
+    assert enricher.caller(1234, 248_977_428, 3) == caller_1200()
+
+
 @pytest.mark.parametrize(
     ("text", "nr"),
     [

@@ -363,3 +363,19 @@ def test_kprobe_misses(fake: Tracefs) -> None:
     wanted = ["mwaa_finit_module", "mwaa_finit_module_ret", "mwaa_do_init_module_ret"]
     assert fake.kprobe_misses(wanted) == {"mwaa_finit_module_ret": 6}
     assert fake.kprobe_misses([]) == {}
+
+
+def test_task_groups_read_the_kernels_map_again_only_when_it_is_old(tmp_path: Path) -> None:
+    saved = tmp_path / "saved_tgids"
+    saved.write_text("18 18\n166 160\nnonsense\n")
+    now = [100.0]
+    groups = tracefs.TaskGroups(Tracefs(str(tmp_path)), interval=0.1, clock=lambda: now[0])
+    assert (groups.tgid(166), groups.tgid(18), groups.tgid(200)) == (160, 18, None)
+    saved.write_text("200 199\n")
+    now[0] += 0.05
+    assert groups.tgid(200) is None  # read 50 ms ago: not again yet
+    now[0] += 0.06
+    assert (groups.tgid(200), groups.tgid(166)) == (199, None)
+    saved.unlink()
+    now[0] += 1
+    assert groups.tgid(200) is None
