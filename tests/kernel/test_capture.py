@@ -1052,6 +1052,9 @@ def test_a_caller_gone_before_proc_is_read(tmp_path: Path, mwload: str, mwtest_k
         assert rec["proc_gone"] is True and rec["ok"] is True
         # What the kernel told is there: uid and euid (permission check), comm, module.
         assert (rec["uid"], rec["euid"], rec["comm"], rec["module"]) == (0, 0, "mwload", "mwtest")
+        # And its pid: the kernel noted its process when it was switched out for the last
+        # time (saved_tgids), before the capture read its events. mwload is one thread.
+        assert rec["pid"] == rec["tid"]
         assert rec["exe"] is None and rec["ancestry"] is None
         assert rec["reasons"]["exe"] == "the process had exited when /proc was read"
     assert load["params"] == "note=gone" and load["path"] == str(mwtest_ko)
