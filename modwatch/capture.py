@@ -63,7 +63,8 @@ OUTBOX_INTERVAL = 0.02
 # instance's: events are written with the time they began, and committed a moment later.
 MERGE_MARGIN_US = 50_000
 # While idle, how often a session checks that its instance and probes are still there
-# (someone else may disable and remove them): a small read every few seconds.
+# (someone else may disable and remove them): a small read every few seconds. Also how
+# often the threads of open calls are looked at (a sweep: has a return been missed?).
 CHECK_INTERVAL = 5.0
 # The instance's ring buffer, unless --buffer-kb says: this many KiB in all, shared out
 # over the CPUs, or the kernel's default per CPU if that is larger. A burst of module
@@ -302,6 +303,7 @@ class Capture:
         self._armed = {}
         self._fds = []
         self._merge = Merge()
+        self._read_through_us = -1  # trace clock time up to which every event was read
 
     # -- records from a saved trace ---------------------------------------------------
 
@@ -574,18 +576,21 @@ class Capture:
         emitted = 0
         try:
             while True:
-                waiting = self._outbox or self._merge.held()
+                waiting = self._outbox or self._merge.held() or correlator.leaving()
                 timeout = OUTBOX_INTERVAL if waiting else CHECK_INTERVAL
                 if deadline is not None:
                     timeout = min(timeout, max(0, deadline - time.monotonic()))
                 ready = poller.poll(timeout * 1000)
                 if not ready and not waiting:
                     self._check_still_armed()
-                records = self._drain(correlator)
-                if time.monotonic() >= next_sweep:
-                    swept = self._wanted_only(correlator.sweep(in_call))
-                    records = itertools.chain(records, swept)
+                # The sweep runs on what the drains before this one read: threads are
+                # looked at every CHECK_INTERVAL; one found outside its call is let go
+                # as soon as a drain has read past the time it was found there.
+                look = time.monotonic() >= next_sweep
+                swept = correlator.sweep(in_call if look else None, *self._sweep_clocks())
+                if look:
                     next_sweep = time.monotonic() + CHECK_INTERVAL
+                records = itertools.chain(self._drain(correlator), self._wanted_only(swept))
                 for record in records:
                     yield record
                     if record["type"] != "lost":
@@ -615,15 +620,19 @@ class Capture:
                     self.stats.command_status = child.wait()
         # Calls whose threads have left them without a return event: marked, then let go
         # after a last read, so that a return on its way is not taken for a missed one.
-        yield from self._wanted_only(correlator.sweep(in_call))
+        yield from self._wanted_only(correlator.sweep(in_call, *self._sweep_clocks()))
         yield from self._drain(correlator, final=True)
-        yield from self._wanted_only(correlator.sweep(in_call))
+        yield from self._wanted_only(correlator.sweep(in_call, *self._sweep_clocks()))
         if self.probe_set.kprobes and self._fs is not None:
             try:
                 self.stats.missed = self._fs.kprobe_misses(p.event for p in self.probe_set.probes)
             except OSError as err:
                 self.stats.teardown_errors.append(f"reading kprobe_profile: {err.strerror}")
         yield from self._finish(correlator)
+
+    def _sweep_clocks(self) -> tuple[int, Callable[[], int]]:
+        """For Correlator.sweep: how far the drains have read, and the trace clock."""
+        return self._read_through_us, lambda: time.clock_gettime_ns(self._clock_id) // 1000
 
     def _drain(self, correlator: Correlator, final: bool = False) -> Iterator[Record]:
         """Read what both trace_pipes have now, and yield the records of the events that
@@ -647,6 +656,8 @@ class Capture:
                 if merge.last_ts(MAIN) > watermark:
                     break
         yield from self._records(merge.release(watermark, (main_done, True)), correlator)
+        if main_done:  # both pipes ran dry: every event up to the watermark was read
+            self._read_through_us = watermark
         if self._saver is not None:
             self._saver.flush()
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 
 from modwatch import filepath
 from modwatch.decode import LOAD_FLAGS, UNLOAD_FLAGS, errno_name, flag_names
+from modwatch.merge import ALL
 from modwatch.modfile import FILE_KEYS, FileFacts
 from modwatch.parser import Event, Lost
 from modwatch.pathsearch import Target
@@ -188,7 +189,8 @@ class _Operation:
     tid: int
     ts_us: int
     compat: bool = False
-    left_call: bool = False  # found outside its syscall by the last sweep
+    # Found outside its syscall by a sweep: when, by the trace clock (None: not yet).
+    left_at_us: int | None = None
     comm: str | None = None
     flags_raw: int | None = None
     caller: Caller = NO_CALLER
@@ -384,26 +386,44 @@ class Correlator:
             "count": lost.events,
         }
 
-    def sweep(self, in_call: InCall) -> list[Record]:
+    def sweep(
+        self,
+        in_call: InCall | None,
+        read_through_us: int = ALL,
+        clock_us: Callable[[], int] = lambda: 0,
+    ) -> list[Record]:
         """Let go of operations whose return was missed (a kretprobe out of instances,
-        events lost). Call it after reading everything the kernel had: an operation found
-        outside its syscall by the previous sweep, and still open after the reads since,
-        will never see its return (the kernel writes it before the thread leaves the
-        call). Those come out as incomplete records; the rest are checked again."""
+        events lost). An operation found outside its syscall (by `in_call`; None: do not
+        look now) at a time by the trace clock (`clock_us`, read after looking) will never
+        see its return once everything the kernel wrote until then has been read
+        (`read_through_us`): the kernel writes the return before the thread leaves the
+        call. Those come out as incomplete records; the rest are looked at again. With
+        the defaults, one sweep marks and the next lets go."""
         records = []
+        left = []
         for tid, op in list(self.open.items()):
-            if op.left_call:
-                del self.open[tid]
-                records += self._let_go(op, RETURN_MISSED)
-            elif in_call(tid, op.syscall, op.compat) is False:
-                op.left_call = True
+            if op.left_at_us is not None:
+                if read_through_us >= op.left_at_us:
+                    del self.open[tid]
+                    records += self._let_go(op, RETURN_MISSED)
+            elif in_call is not None and in_call(tid, op.syscall, op.compat) is False:
+                left.append(op)
+        if left:
+            now_us = clock_us()
+            for op in left:
+                op.left_at_us = now_us
         return records
+
+    def leaving(self) -> bool:
+        """Whether an operation was found outside its syscall and waits to be let go."""
+        return any(op.left_at_us is not None for op in self.open.values())
 
     def finish(self) -> list[Record]:
         """Operations still open at the end: records with a null `ret`."""
         records = []
         for op in self.open.values():
-            records += self._let_go(op, RETURN_MISSED if op.left_call else IN_FLIGHT)
+            incomplete = IN_FLIGHT if op.left_at_us is None else RETURN_MISSED
+            records += self._let_go(op, incomplete)
         self.open.clear()
         return records
 

@@ -585,6 +585,29 @@ def test_a_return_read_after_the_first_look_still_closes_its_call() -> None:
     assert correlator.sweep(lambda tid, syscall, compat: False) == []
 
 
+def test_a_call_found_outside_is_let_go_once_everything_until_then_was_read() -> None:
+    correlator = Correlator(CLOCK)
+    correlator.event(finit(1, 10))
+    clock = iter([500])  # read once, after looking at the threads
+    outside = correlator.sweep(lambda tid, syscall, compat: False, 100, lambda: next(clock))
+    assert outside == [] and correlator.leaving()
+    # Not yet: the return may have been written between 100 and 500 and not be read.
+    assert correlator.sweep(None, 499) == []
+    [record] = correlator.sweep(None, 500)
+    assert (record["incomplete"], correlator.leaving(), correlator.open) == (
+        "return_missed",
+        False,
+        {},
+    )
+
+
+def test_a_sweep_that_does_not_look_marks_nothing() -> None:
+    correlator = Correlator(CLOCK)
+    correlator.event(finit(1, 10))
+    assert correlator.sweep(None) == [] and not correlator.leaving()
+    assert correlator.sweep(None) == [] and list(correlator.open) == [1]
+
+
 def test_finish_names_a_call_marked_by_a_sweep_as_missed() -> None:
     correlator = Correlator(CLOCK)
     correlator.event(finit(1, 10))
