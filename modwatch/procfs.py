@@ -271,13 +271,15 @@ class ProcEnricher:
         procfs: str = PROCFS_PATH,
         record: Callable[[int, int, Caller], None] | None = None,
         files: FileReader | None = None,
-        tgid_of: Callable[[int], int | None] | None = None,
+        tgid_of: Callable[[int, float], int | None] | None = None,
     ) -> None:
         self.procfs = procfs
         self.record = record
         self.files = files or FileReader()
         self.ancestors = AncestryCache(procfs)
-        self.tgid_of = tgid_of  # the kernel's thread-to-process map (tracefs.TaskGroups)
+        # The kernel's thread-to-process map (tracefs.TaskGroups.tgid): a thread's process,
+        # given when (time.monotonic) the thread was found gone.
+        self.tgid_of = tgid_of
 
     def module_file(self, request: FileRequest) -> Future[FileFacts]:
         """The loader's file, opened again through /proc while its call is in flight (the
@@ -297,10 +299,11 @@ class ProcEnricher:
         return self.files.start(own, r.path, r.wall_ns, r.ino, r.search)
 
     def caller(self, tid: int, ts_us: int, fd: int | None) -> Caller:
+        asked_at = time.monotonic()
         facts = caller(tid, fd, self.procfs, self.ancestors)
         if facts.gone and facts.pid is None and self.tgid_of is not None:
             # Exited: switched out for the last time, when the kernel noted its process.
-            facts = facts._replace(pid=self.tgid_of(tid))
+            facts = facts._replace(pid=self.tgid_of(tid, asked_at))
         if self.record is not None:
             self.record(tid, ts_us, facts)
         return facts

@@ -275,9 +275,10 @@ class TaskGroups:
 
     The kernel notes a thread there at its first switch after one of its events, so an
     event read at once may show no tgid; once the thread has exited (switched out for
-    the last time), the map has it. It is read again when the last reading is
-    `interval` seconds old (it lists every thread noted, thousands of lines): a reading
-    that young cannot hold a thread number already reused by another process.
+    the last time), the map has it. Only a reading made after the thread was found gone
+    is asked: an older one may still hold another, earlier thread of that number. The
+    map lists every thread noted (thousands of lines): it is read at most every
+    `interval` seconds, and a thread asked about in between gets no answer.
     """
 
     def __init__(
@@ -289,9 +290,12 @@ class TaskGroups:
         self._map: dict[int, int] = {}
         self._read_at: float | None = None
 
-    def tgid(self, tid: int) -> int | None:
-        now = self.clock()
-        if self._read_at is None or now - self._read_at >= self.interval:
+    def tgid(self, tid: int, gone_at: float) -> int | None:
+        """The process of thread `tid`, found gone (by `clock`) at `gone_at`."""
+        if self._read_at is None or self._read_at < gone_at:
+            now = self.clock()
+            if self._read_at is not None and now - self._read_at < self.interval:
+                return None
             self._read_at = now
             try:
                 pairs = (line.split() for line in self.fs.lines("saved_tgids"))

@@ -549,7 +549,8 @@ def test_the_kernels_map_gives_the_process_of_a_thread_gone(tmp_path: Path) -> N
     )
     pid, tid = (int(n) for n in done.stdout.split())
     assert tid != pid
-    assert tracefs_mod.TaskGroups(tracefs_mod.Tracefs(str(TRACEFS))).tgid(tid) == pid
+    gone_at = time.monotonic()
+    assert tracefs_mod.TaskGroups(tracefs_mod.Tracefs(str(TRACEFS))).tgid(tid, gone_at) == pid
     child.send_signal(signal.SIGINT)
     assert child.wait() == 0, child.rest_of_stderr()
     [record] = [json.loads(line) for line in out.read_text().splitlines()]

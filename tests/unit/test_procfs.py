@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,8 @@ def test_proc_enricher_records_what_it_read(proc: str) -> None:
 def test_proc_enricher_asks_the_kernels_map_for_the_pid_of_a_caller_gone() -> None:
     asked: list[int] = []
 
-    def tgid_of(tid: int) -> int | None:
+    def tgid_of(tid: int, gone_at: float) -> int | None:
+        assert gone_at <= time.monotonic()  # when /proc was asked, before the answer
         asked.append(tid)
         return {77: 70}.get(tid)
 
@@ -228,7 +230,7 @@ def test_proc_enricher_asks_the_kernels_map_for_the_pid_of_a_caller_gone() -> No
 
 
 def test_proc_enricher_does_not_ask_the_map_for_a_caller_still_there(proc: str) -> None:
-    enricher = procfs.ProcEnricher(proc, tgid_of=lambda tid: pytest.fail("asked"))
+    enricher = procfs.ProcEnricher(proc, tgid_of=lambda tid, at: pytest.fail("asked"))
     assert enricher.caller(1234, 248_977_428, 3) == caller_1200()
 
 

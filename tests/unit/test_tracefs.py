@@ -365,17 +365,23 @@ def test_kprobe_misses(fake: Tracefs) -> None:
     assert fake.kprobe_misses([]) == {}
 
 
-def test_task_groups_read_the_kernels_map_again_only_when_it_is_old(tmp_path: Path) -> None:
+def test_task_groups_answer_from_a_reading_made_after_the_thread_was_gone(
+    tmp_path: Path,
+) -> None:
     saved = tmp_path / "saved_tgids"
     saved.write_text("18 18\n166 160\nnonsense\n")
     now = [100.0]
     groups = tracefs.TaskGroups(Tracefs(str(tmp_path)), interval=0.1, clock=lambda: now[0])
-    assert (groups.tgid(166), groups.tgid(18), groups.tgid(200)) == (160, 18, None)
-    saved.write_text("200 199\n")
+    assert groups.tgid(166, gone_at=99.9) == 160
+    # Found gone before that reading: it answers, unread.
+    saved.write_text("166 166\n200 199\n")
+    assert (groups.tgid(18, gone_at=99.0), groups.tgid(200, gone_at=99.9)) == (18, None)
+    # Found gone after it, 50 ms later: the map may have noted another thread 166 since;
+    # too soon to read it again, so no answer rather than an old one.
     now[0] += 0.05
-    assert groups.tgid(200) is None  # read 50 ms ago: not again yet
+    assert groups.tgid(166, gone_at=100.04) is None
     now[0] += 0.06
-    assert (groups.tgid(200), groups.tgid(166)) == (199, None)
+    assert (groups.tgid(166, gone_at=100.1), groups.tgid(200, gone_at=100.1)) == (166, 199)
     saved.unlink()
     now[0] += 1
-    assert groups.tgid(200) is None
+    assert groups.tgid(200, gone_at=101.0) is None
