@@ -59,7 +59,7 @@ class BTF:
     vmlinux holds over 100,000 types and a capture needs a handful of structs, so the
     type section is walked (to find where each type starts) only as far as the types
     asked for, and a type is decoded when it is first asked for. The structs a capture
-    needs come early: a fifth of the walk.
+    needs come early (about a fifth of the walk on the kernels measured).
     """
 
     def __init__(self, data: bytes) -> None:
