@@ -420,7 +420,7 @@ class Capture:
             if fs.exists(record_tgid):
                 with contextlib.suppress(OSError):  # else the pid comes from /proc only
                     fs.write(record_tgid, "1")
-                    task_groups = tracefs.TaskGroups(fs)
+                    task_groups = task_groups or tracefs.TaskGroups(fs)
             if name == group:
                 self._size_buffer(fs, base)
                 clock_name, clock_id = next(

@@ -191,11 +191,9 @@ def rebuild(fields: Mapping[str, int | str | None]) -> KernelPath | None:
         try:
             names = _chain(fields, m)
         except _Cut as cut:
-            names = cut.args[0]
-            if m or own is not None:
-                own = own or parts + names
-                return KernelPath(tuple(reversed(own)), False, gone, ino)
-            own = names
+            if m:  # a mount above is cut too: where the file's mount is stays unknown
+                return KernelPath(tuple(reversed(own or parts + cut.args[0])), False, gone, ino)
+            names = own = cut.args[0]
         except _Unreadable:
             return None
         parts += names

@@ -267,13 +267,15 @@ class FileReader:
         return _read(fd, path, wall_ns, ino)._replace(path=found)
 
 
+def _tree(path: str | None) -> bool | None:
+    return in_tree(path) if path is not None and path.startswith("/") else None
+
+
 def _not_read(path: str | None) -> FileFacts:
-    tree = in_tree(path) if path is not None and path.startswith("/") else None
-    return FileFacts(in_tree=tree, reasons=dict.fromkeys(READ_KEYS, "not read: --no-hash"))
+    return FileFacts(in_tree=_tree(path), reasons=dict.fromkeys(READ_KEYS, "not read: --no-hash"))
 
 
 def _read(fd: int | None, path: str | None, wall_ns: int, ino: int | None) -> FileFacts:
-    tree = in_tree(path) if path is not None and path.startswith("/") else None
     if fd is not None and ino is not None and _ino(fd) != ino:
         os.close(fd)  # the loader's fd number holds another file by now
         fd = None
@@ -285,4 +287,4 @@ def _read(fd: int | None, path: str | None, wall_ns: int, ino: int | None) -> Fi
         facts = FileFacts(
             reasons={"sha256": "the loader's file was closed and its path is unknown"}
         )
-    return facts._replace(in_tree=tree)
+    return facts._replace(in_tree=_tree(path))

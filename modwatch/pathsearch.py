@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 MAX_DIRS = 20_000  # directories read by one walk, at most
@@ -96,7 +96,7 @@ class Finder:
                 tried.add(directory)
                 if _leads_to(directory, target, dev):
                     return os.path.join(directory, *target.names)
-        if target.mount is None or dev is None:
+        if dev is None:  # no mount to walk
             return None
         found = _walk(target, dev, self.max_dirs, time.monotonic() + self.max_seconds)
         return None if found is None else os.path.join(found, *target.names)
@@ -120,7 +120,7 @@ def _walk(target: Target, dev: int, max_dirs: int, deadline: float) -> str | Non
         directory = queue.popleft()
         read += 1
         try:
-            entries: Iterable[os.DirEntry[str]] = list(os.scandir(directory))
+            entries = list(os.scandir(directory))
         except OSError:
             continue
         for entry in entries:
