@@ -45,6 +45,7 @@ from modwatch.probes import (
     GROUP_PREFIX,
     ProbeSet,
     ProbeSpec,
+    SymbolLookup,
     build_probe_set,
     build_tracepoint_set,
     current_arch,
@@ -178,11 +179,27 @@ def open_tracefs() -> tracefs.Tracefs:
     return tracefs.Tracefs(root)
 
 
-def plan(fs: tracefs.Tracefs, group: str, kprobes: bool = True) -> ProbeSet:
+def plan(
+    fs: tracefs.Tracefs,
+    group: str,
+    kprobes: bool = True,
+    lookup: SymbolLookup | None = None,
+    checked: str = "available_filter_functions and /proc/kallsyms",
+) -> ProbeSet:
     """The probe set for the running kernel, chosen from what it offers: kprobes where
-    the kernel has kprobe events (and `kprobes` is true), else its tracepoints alone."""
+    the kernel has kprobe events (and `kprobes` is true), else its tracepoints alone.
+    Symbols are looked up in the kernel's function lists unless `lookup` is given
+    (`checked` says where that looks, for the error of a required symbol)."""
     if not kprobes or not fs.exists("kprobe_events"):
         return _with_print_formats(fs, build_tracepoint_set(group, fs.has_tracepoint))
+    if lookup is None:
+        lookup = _function_lists(fs)
+    return _with_print_formats(fs, _kprobe_set(group, lookup, fs.has_tracepoint, checked))
+
+
+def _function_lists(fs: tracefs.Tracefs) -> SymbolLookup:
+    """Where a symbol is: available_filter_functions, else /proc/kallsyms (read only if
+    a symbol is not in the first)."""
     functions = fs.available_functions()
     kallsyms: tracefs.Symbols | None = None
 
@@ -194,7 +211,7 @@ def plan(fs: tracefs.Tracefs, group: str, kprobes: bool = True) -> ProbeSet:
             kallsyms = tracefs.kallsyms_text_symbols()
         return "/proc/kallsyms" if symbol in kallsyms else None
 
-    return _with_print_formats(fs, _kprobe_set(group, lookup, fs.has_tracepoint))
+    return lookup
 
 
 def _with_print_formats(fs: tracefs.Tracefs, probe_set: ProbeSet) -> ProbeSet:
@@ -213,11 +230,14 @@ def _with_print_formats(fs: tracefs.Tracefs, probe_set: ProbeSet) -> ProbeSet:
 
 
 def _kprobe_set(
-    group: str, lookup: Callable[[str], str | None], has_tracepoint: Callable[[str, str], bool]
+    group: str,
+    lookup: SymbolLookup,
+    has_tracepoint: Callable[[str, str], bool],
+    checked: str = "available_filter_functions and /proc/kallsyms",
 ) -> ProbeSet:
     """build_probe_set with the running kernel's BTF offsets, noting where they came from."""
     offset, note = btf_offsets()
-    probe_set = build_probe_set(group, current_arch(), lookup, has_tracepoint, offset)
+    probe_set = build_probe_set(group, current_arch(), lookup, has_tracepoint, offset, checked)
     return dataclasses.replace(probe_set, choices=(note, *probe_set.choices))
 
 
@@ -397,13 +417,9 @@ class Capture:
         files.prepare()
         self.leftovers = remove_leftovers(fs)
         group = new_group(os.getpid())
-        probe_set = self.probe_set = plan(fs, group, not self.options.no_kprobes)
-
         # Teardown runs in reverse: the instances are removed before the probes, because
         # removing one disables its events and an enabled probe cannot be removed.
-        for spec in probe_set.probes:
-            undo.callback(self._best_effort, fs.remove_probe, spec.removal(), group)
-            self._guard(fs.add_probe, spec.definition())
+        probe_set = self.probe_set = self._add_probes(fs, group, undo)
 
         # Two instances: the rare events in one whose buffer no flood of failing calls
         # can overrun (probes.RARE_KINDS), everything else in the main one.
@@ -466,6 +482,37 @@ class Capture:
             tgid_of=None if task_groups is None else task_groups.tgid,
         )
         return Correlator(clock, enricher, _has_params_probe(probe_set))
+
+    def _add_probes(self, fs: tracefs.Tracefs, group: str, undo: contextlib.ExitStack) -> ProbeSet:
+        """Plan the probe set and add its probes, the kernel checking each symbol as its
+        probe is added (reading its function list instead took longer than all the rest
+        of the setup under emulation). A symbol the kernel rejects is planned again
+        without: an optional probe is left out, a required one is an error."""
+        rejected: dict[str, str] = {}
+        added: set[str] = set()
+        while True:
+            probe_set = plan(
+                fs,
+                group,
+                not self.options.no_kprobes,
+                lambda symbol: None if symbol in rejected else "kprobe_events",
+                "kprobe_events: " + "; ".join(f"{s}: {why}" for s, why in rejected.items()),
+            )
+            for spec in probe_set.probes:
+                definition = spec.definition()
+                if definition in added:
+                    continue
+                undo.callback(self._best_effort, fs.remove_probe, spec.removal(), group)
+                try:
+                    fs.add_probe(definition)
+                except tracefs.ProbeRejected as err:
+                    if err.symbol() is None or err.reason is None:
+                        raise
+                    rejected[spec.symbol] = err.reason.reason
+                    break
+                added.add(definition)
+            else:
+                return probe_set
 
     def _size_buffer(self, fs: tracefs.Tracefs, base: str) -> None:
         """Give the instance its ring buffer: --buffer-kb per CPU (an error if the kernel

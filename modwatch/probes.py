@@ -263,10 +263,12 @@ def build_probe_set(
     lookup: SymbolLookup,
     tracepoints_available: Callable[[str, str], bool],
     offset: Callable[[str], int | None] = lambda path: None,
+    checked: str = "available_filter_functions and /proc/kallsyms",
 ) -> ProbeSet:
     """Choose symbols and build the probe set, or raise ModwatchError if the kernel lacks
     a required symbol. `lookup`, `tracepoints_available` and `offset` (a struct member's
-    byte offset from BTF, or None) describe the running kernel."""
+    byte offset from BTF, or None) describe the running kernel; `checked` says where
+    `lookup` looks."""
     token = group.rsplit("_", 1)[-1]
     probes: list[ProbeSpec] = []
     choices: list[str] = []
@@ -284,8 +286,7 @@ def build_probe_set(
             if where is None:
                 if not compat:
                     raise ModwatchError(
-                        f"modwatch: the kernel has no probe-able {symbol} "
-                        "(checked available_filter_functions and /proc/kallsyms)",
+                        f"modwatch: the kernel has no probe-able {symbol} (checked {checked})",
                         ExitStatus.NO_KPROBES,
                     )
                 choices.append(f"{name} (32-bit): {symbol} not found, 32-bit callers unseen")

@@ -121,6 +121,20 @@ def parse_error_log(text: str) -> KernelError | None:
     return KernelError(reason, command, at)
 
 
+class ProbeRejected(ModwatchError):
+    """The kernel refused a probe definition; `reason` is its error_log entry, if any."""
+
+    def __init__(self, message: str, definition: str, reason: KernelError | None) -> None:
+        super().__init__(message, ExitStatus.PROBE_REJECTED)
+        self.definition, self.reason = definition, reason
+
+    def symbol(self) -> str | None:
+        """The probed symbol, if that is what the kernel refused (it has no such function,
+        or cannot probe it): error_log's caret points at it."""
+        symbol = self.definition.split(" ")[1]
+        return symbol if self.reason is not None and self.reason.at == symbol else None
+
+
 class Tracefs:
     """One tracefs mount."""
 
@@ -164,10 +178,11 @@ class Tracefs:
         except OSError as err:
             reason = self.kernel_error()
             why = str(reason) if reason else os.strerror(err.errno or 0)
-            raise ModwatchError(
+            raise ProbeRejected(
                 f"modwatch: the kernel rejected probe '{definition}' in "
                 f"{self.path('kprobe_events')}: {why}",
-                ExitStatus.PROBE_REJECTED,
+                definition,
+                reason,
             ) from err
 
     def remove_probe(self, removal: str, group: str) -> None:
@@ -178,7 +193,9 @@ class Tracefs:
             self.write("kprobe_events", removal + "\n", append=True)
             return
         except OSError as err:
-            if err.errno in (errno.ENOENT, errno.EINVAL) and not self.has_group(group):
+            if err.errno in (errno.ENOENT, errno.EINVAL) and removal not in self.groups(group).get(
+                group, ()
+            ):
                 return
             if err.errno != errno.EBUSY:
                 raise
@@ -203,9 +220,6 @@ class Tracefs:
         if not self.exists("kprobe_events"):
             return []
         return list(self.lines("kprobe_events"))
-
-    def has_group(self, group: str) -> bool:
-        return group in self.groups(group)
 
     def groups(self, prefix: str) -> dict[str, list[str]]:
         """Probe groups whose name starts with `prefix`, with their `-:GROUP/EVENT` removals."""

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -578,6 +578,50 @@ def test_without_btf_no_offset_is_guessed(tmp_path: Path, mwload: str, mwtest_ko
         ("delete_module", "mwtest", 0, None, None),
     ]
     assert records[0]["path_source"] != "kernel" and records[0]["incomplete"] is None
+    assert leftovers() == set()
+
+
+def symbol_renamed(symbol: str) -> Callable[[], None]:
+    """A child setup: modwatch's probes on `symbol` name a function no kernel has."""
+
+    def setup() -> None:
+        add = tracefs_mod.Tracefs.add_probe
+
+        def renamed(self: tracefs_mod.Tracefs, definition: str) -> None:
+            add(self, definition.replace(f" {symbol} ", " mw_no_such_function "))
+
+        tracefs_mod.Tracefs.add_probe = renamed  # type: ignore[method-assign]
+
+    return setup
+
+
+def test_an_optional_symbol_the_kernel_rejects_is_left_out(
+    tmp_path: Path, mwload: str, mwtest_ko: Path
+) -> None:
+    # The kernel checks each symbol as its probe is added: parse_args rejected, the
+    # capture runs without the params probe and still reports the load.
+    out, trace = tmp_path / "out.jsonl", tmp_path / "trace"
+    ops = ["finit", str(mwtest_ko), "note=x", "delete", "mwtest"]
+    child = Child(
+        "capture", "-o", str(out), "--save-trace", str(trace), "--", mwload, *ops,
+        setup=symbol_renamed("parse_args"),
+    )  # fmt: skip
+    assert child.wait() == 0, child.rest_of_stderr()
+    probes = [line for line in trace.read_text().splitlines() if line.startswith("# probe: ")]
+    assert probes and not any(" parse_args " in p or "module_params" in p for p in probes)
+    assert any(" load_module " in p for p in probes)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    got = [(r["syscall"], r["module"], r["ret"], r["init_ret"]) for r in records]
+    assert got == [("finit_module", "mwtest", 0, 0), ("delete_module", "mwtest", 0, None)]
+    assert leftovers() == set()
+
+
+def test_a_required_symbol_the_kernel_rejects_ends_the_capture() -> None:
+    child = Child("capture", setup=symbol_renamed("__x64_sys_finit_module"))
+    status, stderr = child.wait(), child.rest_of_stderr()
+    assert status == ExitStatus.NO_KPROBES, stderr
+    assert "no probe-able __x64_sys_finit_module (checked kprobe_events: " in stderr
+    assert "Invalid probed address or symbol" in stderr and "Traceback" not in stderr
     assert leftovers() == set()
 
 

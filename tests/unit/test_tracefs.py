@@ -10,7 +10,7 @@ import pytest
 
 from modwatch import tracefs
 from modwatch.errors import ExitStatus, ModwatchError
-from modwatch.tracefs import KernelError, Tracefs
+from modwatch.tracefs import KernelError, ProbeRejected, Tracefs
 
 # -- find_mount -------------------------------------------------------------------------
 
@@ -196,19 +196,14 @@ def test_groups(fake: Tracefs) -> None:
     assert fake.groups("nothing") == {}
 
 
-def test_has_group(fake: Tracefs) -> None:
-    assert fake.has_group("modwatch_242_d864c37967")
-    assert fake.has_group("kprobes")
-    assert not fake.has_group("modwatch_242")
-    assert not fake.has_group("modwatch_9")
-
-
-def test_has_group_sees_return_probes_with_maxactive(fake: Tracefs) -> None:
+def test_groups_see_return_probes_with_maxactive(fake: Tracefs) -> None:
     # kprobe_events shows return probes as `r10:GROUP/EVENT` (seen on a 2-CPU guest).
     (Path(fake.root) / "kprobe_events").write_text(
         "r10:modwatch_9_aa/mwaa_do_init_module_ret do_init_module ret=$retval:s32\n"
     )
-    assert fake.has_group("modwatch_9_aa")
+    assert fake.groups("modwatch_9_aa") == {
+        "modwatch_9_aa": ["-:modwatch_9_aa/mwaa_do_init_module_ret"]
+    }
 
 
 def test_available_functions(fake: Tracefs, tmp_path: Path) -> None:
@@ -243,13 +238,26 @@ def test_add_probe_appends_and_never_truncates(fake: Tracefs) -> None:
 
 def test_add_probe_refused_quotes_the_kernel(fake: Tracefs) -> None:
     os.remove(fake.path("kprobe_events"))
-    with pytest.raises(ModwatchError) as err:
+    with pytest.raises(ProbeRejected) as err:
         fake.add_probe("p:g/e sym a=b")
     assert err.value.status == ExitStatus.PROBE_REJECTED
     assert err.value.message == (
         f"modwatch: the kernel rejected probe 'p:g/e sym a=b' in {fake.path('kprobe_events')}: "
         "Invalid fetch argument at 'a=b'"
     )
+    assert err.value.symbol() is None  # the kernel has the symbol: an argument is wrong
+
+
+def test_add_probe_refused_for_its_symbol(fake: Tracefs) -> None:
+    os.remove(fake.path("kprobe_events"))
+    Path(fake.path("error_log")).write_text(
+        "[    9.032114] trace_kprobe: error: Invalid probed address or symbol\n"
+        "  Command: r:g/e no_such_function ret=$retval:s64\n"
+        "                 ^\n"
+    )
+    with pytest.raises(ProbeRejected) as err:
+        fake.add_probe("r:g/e no_such_function ret=$retval:s64")
+    assert err.value.symbol() == "no_such_function"
 
 
 def test_add_probe_refused_without_error_log(fake: Tracefs) -> None:
