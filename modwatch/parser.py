@@ -266,10 +266,13 @@ class Parser:
 
     def __init__(self, events: dict[str, ProbeSpec | Tracepoint]) -> None:
         # By the name trace_pipe prints: a syscall's entry and exit tracepoints share one.
-        self._kinds: dict[str, list[_Kind]] = {}
+        self._specs: dict[str, list[ProbeSpec | Tracepoint]] = {}
         for name, spec in events.items():
             printed = spec.printed if isinstance(spec, Tracepoint) else name
-            self._kinds.setdefault(printed, []).append(_kind_of(spec))
+            self._specs.setdefault(printed, []).append(spec)
+        # Each event's patterns, compiled when it is first seen: compiling all of them
+        # took a tenth of a capture's start under emulation, and most events are rare.
+        self._kinds: dict[str, list[_Kind]] = {}
         self._partial = ""
         self._header: re.Match[str] | None = None
         self._header_line = ""
@@ -302,7 +305,7 @@ class Parser:
 
     def _line(self, line: str, out: list[Item]) -> None:
         header = _HEADER.match(line)
-        if header is None or header["event"] not in self._kinds:
+        if header is None or header["event"] not in self._specs:
             m = _LOST.fullmatch(line)
             if m:
                 self._lost_at = (
@@ -358,7 +361,11 @@ class Parser:
         header = self._header
         assert header is not None
         body = "\n".join([self._header_line[header.end() :], *more])
-        for kind in self._kinds[header["event"]]:
+        event = header["event"]
+        kinds = self._kinds.get(event)
+        if kinds is None:
+            kinds = self._kinds[event] = [_kind_of(spec) for spec in self._specs[event]]
+        for kind in kinds:
             m = kind.pattern.fullmatch(body)
             if m is not None:
                 break

@@ -31,6 +31,7 @@ from typing import IO
 from modwatch.correlate import NO_CALLER, Caller, FileRequest
 from modwatch.errors import ExitStatus, ModwatchError
 from modwatch.modfile import FileFacts, done
+from modwatch.parser import body_pattern
 from modwatch.probes import ProbeSet, ProbeSpec, Tracepoint
 
 MAGIC = "# modwatch trace v1"
@@ -132,7 +133,9 @@ class SavedTrace:
                                 raise ValueError(f"not a string of trace text: {line!r}")
                             self.rare_chunks.append(text)
                     elif line.startswith("# probe: "):
-                        probes.append(ProbeSpec.parse(line[len("# probe: ") :].rstrip("\n")))
+                        spec = ProbeSpec.parse(line[len("# probe: ") :].rstrip("\n"))
+                        body_pattern(spec)  # its text can be parsed, or ValueError
+                        probes.append(spec)
                     elif line.startswith("# tracepoint: "):
                         system, _, event = line[len("# tracepoint: ") :].strip().partition("/")
                         tracepoints.append(Tracepoint(system, event))

@@ -209,6 +209,8 @@ def test_directory(tmp_path: Path) -> None:
     [
         "# probe: nonsense\n",
         "# probe: p:kprobes/x sym\n",
+        # Strings last, but two that cannot be told apart in the text.
+        "# probe: p:GROUP/mwx_x sym a=+0(%di):string b=+0(%si):string\n",
         "# clock-offset-us: soon\n",
         "text\n#mw-caller-GROUP {not json\n",
         '#mw-caller-GROUP {"tid": 1}\n',
