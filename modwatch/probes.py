@@ -9,7 +9,6 @@ that `--dry-run` can show them and tests can check them without a kernel.
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -195,7 +194,7 @@ ARCHES = {
 
 
 def current_arch() -> Arch:
-    machine = platform.machine()
+    machine = os.uname().machine
     try:
         return ARCHES[machine]
     except KeyError:

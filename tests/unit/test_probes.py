@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -280,9 +282,12 @@ def test_event_names_carry_the_group_token() -> None:
 
 
 def test_current_arch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    def machine(name: str) -> Callable[[], os.uname_result]:
+        return lambda: os.uname_result(("Linux", "host", "6.12", "#1", name))
+
+    monkeypatch.setattr(os, "uname", machine("aarch64"))
     assert probes.current_arch() is ARCHES["aarch64"]
-    monkeypatch.setattr("platform.machine", lambda: "riscv64")
+    monkeypatch.setattr(os, "uname", machine("riscv64"))
     with pytest.raises(ModwatchError) as err:
         probes.current_arch()
     assert err.value.status == ExitStatus.NO_KPROBES
