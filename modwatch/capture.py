@@ -438,12 +438,14 @@ class Capture:
                     fs.write(record_tgid, "1")
                     task_groups = task_groups or tracefs.TaskGroups(fs)
             if name == group:
-                self._size_buffer(fs, base)
                 clock_name, clock_id = next(
                     (c for c in _CLOCKS if c[0] in fs.read(base, "trace_clock").split()),
                     _CLOCKS[0],
                 )
+            # A new clock empties the buffer page by page: before it is made larger.
             self._guard(fs.write, os.path.join(base, "trace_clock"), clock_name)
+            if name == group:
+                self._size_buffer(fs, base)
         undo.callback(self._remount_if_gone, fs)  # runs first: both removals need tracefs
         self._clock_id = clock_id
         clock = TraceClock(time.time_ns() // 1000 - time.clock_gettime_ns(clock_id) // 1000)
