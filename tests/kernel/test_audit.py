@@ -9,6 +9,7 @@ modules.dep). A writable overlay over the kernel's module directory puts it ther
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -122,6 +123,10 @@ def stop_before_rename() -> None:
     os.environ[audit.PAUSE_BEFORE_RENAME] = "1"
 
 
+def short_lock_wait() -> None:
+    audit.state_lock = functools.partial(audit.state_lock, wait=1.0)  # type: ignore[assignment]
+
+
 def stopped(child: Child) -> None:
     """Until the run has written its new state and stopped itself before the rename."""
     wait_until(lambda: stat_fields(child.pid)[0] == "T", 120, "the audit stopped before its rename")
@@ -164,12 +169,14 @@ def test_sigkill_while_writing_the_state_and_two_runs_at_once(tmp_path: Path) ->
     wait_until(lambda: holds_open(second.pid, lock), 120, "the second audit at the lock")
     first.send_signal(signal.SIGCONT)
     assert (first.wait(), second.wait()) == (0, 0)
-    # One that waits longer than the lock allows gives up with its own status.
+    # One that waits longer than the lock allows gives up with its own status (allowed
+    # 1 s here instead of audit.LOCK_WAIT: the first is stopped, no wait would do).
     first = Child("audit", "--state", str(state), "--quiet", setup=stop_before_rename)
     stopped(first)
-    second = Child("audit", "--state", str(state), "--quiet")
+    second = Child("audit", "--state", str(state), "--quiet", setup=short_lock_wait)
     assert second.wait() == 14
-    assert "another audit holds" in second.rest_of_stderr()
+    assert "another audit holds" in (stderr := second.rest_of_stderr()), stderr
+    assert "(waited 1 s)" in stderr
     first.send_signal(signal.SIGCONT)
     assert first.wait() == 0
     assert json.loads(state.read_text())["v"] == audit.STATE_VERSION
