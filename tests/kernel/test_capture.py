@@ -846,8 +846,8 @@ def test_returns_the_kernel_missed_make_incomplete_records_counted_by_kprobe_pro
 ) -> None:
     # Sixteen loads of one module at once: the first one's init waits until all sixteen
     # are in the call, the others wait for it inside finit_module. More threads in the
-    # call than the return probe has instances (its MAXACTIVE: 10 on this 2-CPU guest):
-    # the kernel misses some returns.
+    # call than the return probe has instances (its MAXACTIVE: 10, or 2 per CPU where
+    # that is more): the kernel misses some returns.
     loaders = 16
     out = tmp_path / "missed.jsonl"
     child = Child("capture", "-o", str(out))

@@ -20,7 +20,12 @@ def fake_runs(
     booted: list[int] = []
 
     def boot_once(
-        kernel: Any, command: str, timeout: float, stream: str | None, append: Any = ()
+        kernel: Any,
+        command: str,
+        timeout: float,
+        stream: str | None,
+        append: Any = (),
+        cpus: int = testbed.EXEC_CPUS,
     ) -> Any:
         status, console, started = outcomes[len(booted)]
         directory = tmp_path / f"run{len(booted)}"
@@ -79,10 +84,14 @@ def test_a_full_run_boots_the_newest_kernel_locked_down_too(
     expected: list[str],
 ) -> None:
     booted: list[str] = []
+    cpus_of_guests: set[int] = set()
 
-    def boot(kernel: Any, command: str, timeout: float, stream: str, append: Any = ()) -> Any:
+    def boot(
+        kernel: Any, command: str, timeout: float, stream: str, append: Any = (), cpus: int = 0
+    ) -> Any:
         markers = command.rsplit(" -m ", 1)[1].split(" ", 1)[0]
         booted.append(" ".join([kernel.series, markers, *append]))
+        cpus_of_guests.add(cpus)
         directory = tmp_path / f"run{len(booted)}"
         (directory / "results").mkdir(parents=True)
         (directory / "results" / "junit.xml").write_text(
@@ -99,5 +108,6 @@ def test_a_full_run_boots_the_newest_kernel_locked_down_too(
     ]
     assert testbed.run_tests(kernels, pytest_args) == 0
     assert sorted(booted) == expected
+    assert cpus_of_guests == {testbed.TEST_CPUS}
     summary = capsys.readouterr().out
     assert f"testbed: {len(expected)} passed, 0 failed" in summary
