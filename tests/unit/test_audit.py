@@ -434,3 +434,28 @@ def test_a_temporary_file_a_killed_run_left_is_removed_by_the_next(
     assert json.loads(before)["v"] == 1
     assert run(tree, tmp_path)["findings"] == []
     assert not left.exists()
+
+
+def test_module_files_of_the_modules_asked_for(tmp_path: Path) -> None:
+    roots = audit.Roots(proc=str(tmp_path), sys=str(tmp_path), modules=str(tmp_path))
+    (tmp_path / "6.12").mkdir()
+    (tmp_path / "6.12" / "modules.dep").write_text(
+        "kernel/fs/fat/vfat.ko.xz: kernel/fs/fat/fat.ko.xz\n"
+        "kernel/fs/fat/fat.ko.xz:\n"
+        "kernel/sound/pci/hda/snd-hda-intel.ko.zst: kernel/fs/fat/fat.ko.xz\n"
+        "kernel/lib/crc7.ko:\n"
+        "updates/fat.ko:\n"
+        "top.ko: kernel/lib/crc7.ko\n"
+    )
+    base = str(tmp_path / "6.12")
+    asked = ["fat", "snd_hda_intel", "gone", "vfat", "top"]
+    assert audit.module_files(roots, "6.12", asked) == {
+        "fat": f"{base}/kernel/fs/fat/fat.ko.xz",  # the first line that names it
+        "vfat": f"{base}/kernel/fs/fat/vfat.ko.xz",
+        "snd_hda_intel": f"{base}/kernel/sound/pci/hda/snd-hda-intel.ko.zst",
+        "top": f"{base}/top.ko",  # right in the directory
+    }
+    assert audit.module_files(roots, "6.12", ["vfat"]) == {
+        "vfat": f"{base}/kernel/fs/fat/vfat.ko.xz"
+    }
+    assert audit.module_files(roots, "6.12", []) == {}
