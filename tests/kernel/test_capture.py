@@ -822,10 +822,11 @@ def test_stalled_reader_reports_exactly_what_the_kernel_lost_and_every_real_load
 def test_sigkill_at_any_point_leaves_only_what_the_next_session_removes(
     stage: str, tracefs: Path
 ) -> None:
-    # Setup and teardown take seconds under emulation: kills at several delays land in
-    # different steps (probes half written, instance made, events half enabled, ...).
+    # Setup and teardown take a second or so under emulation: kills at several delays
+    # land in different steps (probes half written, instance made, events half enabled,
+    # ...), the last one after them (a session reading, or one that has exited).
     fs = tracefs_mod.Tracefs(str(tracefs))
-    for delay in (0.05, 0.3, 1.0, 2.0, 4.0):
+    for delay in (0.05, 0.2, 0.5, 1.0, 2.0):
         child = Child("capture")
         if stage == "teardown":
             assert "tracing" in child.readline()
