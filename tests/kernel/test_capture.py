@@ -649,9 +649,16 @@ def test_disk_full_keeps_whole_lines_and_tears_down(
     assert leftovers() == set()
 
 
+def checked_often() -> None:
+    """A child setup: the session looks at its instance and at the threads of open calls
+    every 0.5 s instead of every CHECK_INTERVAL. For tests of what those looks find (it
+    is found at the first one, whenever that comes), not of how often they come."""
+    capture.CHECK_INTERVAL = 0.5
+
+
 @pytest.mark.parametrize("undone", ["probes removed", "one tracepoint disabled"])
 def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path, undone: str) -> None:
-    child = Child("capture")
+    child = Child("capture", setup=checked_often)
     group = child.instance()
     fs = tracefs_mod.Tracefs(str(tracefs))
     # What another root process could do: disable the session's events, remove its probes;
@@ -669,7 +676,7 @@ def test_probes_removed_by_someone_else_end_the_capture(tracefs: Path, undone: s
 
 
 def test_tracefs_unmounted_under_a_capture(tracefs: Path) -> None:
-    child = Child("capture")
+    child = Child("capture", setup=checked_often)
     child.instance()
     # A lazy unmount: the session's open trace_pipe keeps working, its paths do not.
     subprocess.run(["umount", "-l", str(tracefs)], check=True)
@@ -853,7 +860,7 @@ def test_returns_the_kernel_missed_make_incomplete_records_counted_by_kprobe_pro
     # that is more): the kernel misses some returns.
     loaders = 16
     out = tmp_path / "missed.jsonl"
-    child = Child("capture", "-o", str(out))
+    child = Child("capture", "-o", str(out), setup=checked_often)
     instance = child.instance()
     ko = str(mwtest_ko)
     procs = [
@@ -870,7 +877,7 @@ def test_returns_the_kernel_missed_make_incomplete_records_counted_by_kprobe_pro
     missed_returns = sum(int(f[2]) for f in profile if f[0] == prefix + "finit_module_ret")
     assert missed_returns > 0, profile
     # Each load is one record; those whose return the kernel missed are let go once
-    # their threads are seen outside the call twice, a few seconds apart.
+    # their threads are seen outside the call and the reads have passed that moment.
     wait_until(lambda: len(out.read_text().splitlines()) >= loaders, 60, f"{loaders} records")
     child.send_signal(signal.SIGINT)
     assert child.wait() == 0
