@@ -42,6 +42,7 @@ from modwatch.merge import ALL, MAIN, RARE, Merge
 from modwatch.modfile import FileFacts, FileReader
 from modwatch.parser import Event, Item, Lost, Parser, tracepoint_note
 from modwatch.probes import (
+    FUNCTION_LISTS,
     GROUP_PREFIX,
     ProbeSet,
     ProbeSpec,
@@ -184,7 +185,7 @@ def plan(
     group: str,
     kprobes: bool = True,
     lookup: SymbolLookup | None = None,
-    checked: str = "available_filter_functions and /proc/kallsyms",
+    checked: str = FUNCTION_LISTS,
 ) -> ProbeSet:
     """The probe set for the running kernel, chosen from what it offers: kprobes where
     the kernel has kprobe events (and `kprobes` is true), else its tracepoints alone.
@@ -233,7 +234,7 @@ def _kprobe_set(
     group: str,
     lookup: SymbolLookup,
     has_tracepoint: Callable[[str, str], bool],
-    checked: str = "available_filter_functions and /proc/kallsyms",
+    checked: str = FUNCTION_LISTS,
 ) -> ProbeSet:
     """build_probe_set with the running kernel's BTF offsets, noting where they came from."""
     offset, note = btf_offsets()

@@ -18,6 +18,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
+from modwatch.filepath import DELETED
 from modwatch.pathsearch import Finder, Target
 
 SIGNATURE_MAGIC = b"~Module signature appended~\n"
@@ -260,7 +261,7 @@ class FileReader:
         found = None
         if search is not None:
             path = found = self._finder.find(search)
-        if path is not None and not path.endswith(" (deleted)"):
+        if path is not None and not path.endswith(DELETED):
             self._finder.remember(path)  # where later module files may be found
         if not self.hashing:
             return _not_read(path)._replace(path=found)
@@ -282,7 +283,7 @@ def _read(fd: int | None, path: str | None, wall_ns: int, ino: int | None) -> Fi
     if fd is not None:
         facts = read_fd(fd, wall_ns, ino)
     elif path is not None:
-        facts = read_path(path.removesuffix(" (deleted)"), wall_ns, ino)
+        facts = read_path(path.removesuffix(DELETED), wall_ns, ino)
     else:
         facts = FileFacts(
             reasons={"sha256": "the loader's file was closed and its path is unknown"}

@@ -254,6 +254,8 @@ _SYSCALLS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 
 SymbolLookup = Callable[[str], str | None]
 """Returns where a symbol was found (e.g. "available_filter_functions"), or None."""
+# Where the default lookup looks (the kernel's function lists), for the error it gives.
+FUNCTION_LISTS = "available_filter_functions and /proc/kallsyms"
 
 
 def build_probe_set(
@@ -262,7 +264,7 @@ def build_probe_set(
     lookup: SymbolLookup,
     tracepoints_available: Callable[[str, str], bool],
     offset: Callable[[str], int | None] = lambda path: None,
-    checked: str = "available_filter_functions and /proc/kallsyms",
+    checked: str = FUNCTION_LISTS,
 ) -> ProbeSet:
     """Choose symbols and build the probe set, or raise ModwatchError if the kernel lacks
     a required symbol. `lookup`, `tracepoints_available` and `offset` (a struct member's
