@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -111,3 +113,39 @@ def test_a_full_run_boots_the_newest_kernel_locked_down_too(
     assert cpus_of_guests == {testbed.TEST_CPUS}
     summary = capsys.readouterr().out
     assert f"testbed: {len(expected)} passed, 0 failed" in summary
+
+
+def test_the_locked_down_boot_waits_for_a_full_run_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two slots and three guests: the short locked-down boot must not make a full run wait."""
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def boot(
+        kernel: Any, command: str, timeout: float, stream: str, append: Any = (), cpus: int = 0
+    ) -> Any:
+        label = kernel.series + (" lockdown" if append else "")
+        with lock:
+            events.append(f"start {label}")
+        if not append:
+            time.sleep(0.3 if kernel.series == "6.12" else 0.6)
+        with lock:
+            events.append(f"end {label}")
+        directory = tmp_path / label.replace(" ", "-")
+        (directory / "results").mkdir(parents=True)
+        (directory / "results" / "junit.xml").write_text("<testsuite/>")
+        return testbed.GuestRun(kernel, 0, False, directory, 1.0)
+
+    monkeypatch.setattr(testbed, "boot", boot)
+    monkeypatch.setattr(testbed, "compile_on_host", lambda args: None)
+    monkeypatch.setattr(testbed, "log", lambda message: None)
+    monkeypatch.setattr(testbed.os, "cpu_count", lambda: 2)
+    kernels = [
+        testbed.Kernel("6.1", "linux-image-6.1.0-56-amd64", "1"),
+        testbed.Kernel("6.12", "linux-image-6.12.117+deb12-amd64", "1"),
+    ]
+    assert testbed.run_tests(kernels, []) == 0
+    assert events.index("start 6.12 lockdown") > events.index("end 6.12")
+    assert events.index("end 6.1") > events.index("start 6.12 lockdown")
+    assert "6.12+lockdown" in capsys.readouterr().out
