@@ -3,8 +3,6 @@
 This is the only module that knows about the terminal.
 """
 
-from __future__ import annotations
-
 import enum
 import os
 import sys
