@@ -165,19 +165,21 @@ def loadable_in_sysfs(roots: Roots) -> set[str]:
 # trampolines (`[__builtin__ftrace]`), BPF programs (`[bpf]`).
 
 
-_KALLSYMS_MODULE = re.compile(r"\[([^\]\s]+)[^\]\n]*\]$", re.MULTILINE)
+_KALLSYMS_MODULE = re.compile(rb"\[([^\]\s]+)[^\]\n]*\]$", re.MULTILINE)
 
 
 def kallsyms_modules(roots: Roots) -> set[str]:
     """Modules that own symbols in /proc/kallsyms (`addr t name [module]`)."""
     # Found by one regular expression over the whole text: some 120,000 lines, nearly
-    # all of them the kernel's own, not looked at one by one.
-    text = _read(os.path.join(roots.proc, "kallsyms")) or ""
-    return {
-        name
-        for name in set(_KALLSYMS_MODULE.findall(text))
-        if not (name == "bpf" or name.startswith("__builtin__"))
-    }
+    # all of them the kernel's own, not looked at one by one. Read as bytes: its 7 MB
+    # took 0.45 to 0.54 s as text in an emulated guest, 0.37 s as bytes.
+    try:
+        with open(os.path.join(roots.proc, "kallsyms"), "rb") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    names = (n.decode("utf-8", "surrogateescape") for n in set(_KALLSYMS_MODULE.findall(text)))
+    return {name for name in names if not (name == "bpf" or name.startswith("__builtin__"))}
 
 
 def snapshot(roots: Roots, release: str, hashing: bool = True) -> dict[str, Any]:
