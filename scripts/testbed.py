@@ -63,6 +63,11 @@ LOCKDOWN_BOOT = "lockdown=confidentiality"
 # keeps two, so that per-CPU buffers and a CPU that a flood does not take are real.
 TEST_CPUS = 1
 EXEC_CPUS = 2
+# pytest's own plugins that the kernel tests do without (their fixtures, options, doctests).
+UNUSED_PYTEST_PLUGINS = (
+    *("doctest", "pastebin", "legacypath", "setuponly", "setupplan", "stepwise"),
+    *("debugging", "unittest", "subtests", "recwarn"),
+)
 HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "cpio", "make", "gcc")
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
@@ -724,6 +729,8 @@ def run_tests(kernels: Sequence[Kernel], pytest_args: Sequence[str]) -> int:
         # Importing hypothesis costs ~12 s in the guest; @given works without the plugin.
         "-p",
         "no:hypothesispytest",
+        # pytest plugins no kernel test uses: about 1 s of each guest's pytest start.
+        *(arg for name in UNUSED_PYTEST_PLUGINS for arg in ("-p", f"no:{name}")),
         *pytest_args,
     ]
     compile_on_host(["-m", "kernel", *selection])
