@@ -71,6 +71,18 @@ def test_which_dead_guests_boot_again(
     assert (len(booted), run.status) == (boots, status)
 
 
+def run_tests_with(monkeypatch: pytest.MonkeyPatch, boot: Any, pytest_args: list[str]) -> int:
+    """run_tests on both series, with `boot` in place of booting a guest."""
+    monkeypatch.setattr(testbed, "boot", boot)
+    monkeypatch.setattr(testbed, "compile_on_host", lambda args: None)
+    monkeypatch.setattr(testbed, "log", lambda message: None)
+    kernels = [
+        testbed.Kernel("6.1", "linux-image-6.1.0-56-amd64", "1"),
+        testbed.Kernel("6.12", "linux-image-6.12.117+deb12-amd64", "1"),
+    ]
+    return testbed.run_tests(kernels, pytest_args)
+
+
 @pytest.mark.parametrize(
     ("pytest_args", "expected"),
     [
@@ -101,14 +113,7 @@ def test_a_full_run_boots_the_newest_kernel_locked_down_too(
         )
         return testbed.GuestRun(kernel, 0, False, directory, 1.0)
 
-    monkeypatch.setattr(testbed, "boot", boot)
-    monkeypatch.setattr(testbed, "compile_on_host", lambda args: None)
-    monkeypatch.setattr(testbed, "log", lambda message: None)
-    kernels = [
-        testbed.Kernel("6.1", "linux-image-6.1.0-56-amd64", "1"),
-        testbed.Kernel("6.12", "linux-image-6.12.117+deb12-amd64", "1"),
-    ]
-    assert testbed.run_tests(kernels, pytest_args) == 0
+    assert run_tests_with(monkeypatch, boot, pytest_args) == 0
     assert sorted(booted) == expected
     assert cpus_of_guests == {testbed.TEST_CPUS}
     summary = capsys.readouterr().out
@@ -137,15 +142,8 @@ def test_the_locked_down_boot_waits_for_a_full_run_to_end(
         (directory / "results" / "junit.xml").write_text("<testsuite/>")
         return testbed.GuestRun(kernel, 0, False, directory, 1.0)
 
-    monkeypatch.setattr(testbed, "boot", boot)
-    monkeypatch.setattr(testbed, "compile_on_host", lambda args: None)
-    monkeypatch.setattr(testbed, "log", lambda message: None)
     monkeypatch.setattr(testbed.os, "cpu_count", lambda: 2)
-    kernels = [
-        testbed.Kernel("6.1", "linux-image-6.1.0-56-amd64", "1"),
-        testbed.Kernel("6.12", "linux-image-6.12.117+deb12-amd64", "1"),
-    ]
-    assert testbed.run_tests(kernels, []) == 0
+    assert run_tests_with(monkeypatch, boot, []) == 0
     assert events.index("start 6.12 lockdown") > events.index("end 6.12")
     assert events.index("end 6.1") > events.index("start 6.12 lockdown")
     assert "6.12+lockdown" in capsys.readouterr().out
