@@ -341,7 +341,8 @@ class Capture:
         merge = Merge()
         rare = Parser(saved.probe_set.by_event())
         for text in saved.rare_chunks:
-            merge.add(RARE, rare.feed(text) + rare.flush())
+            merge.add(RARE, rare.read(text))
+        merge.add(RARE, rare.flush())
         parser = Parser(saved.probe_set.by_event())
         emitted = 0
         for chunk in [*saved.chunks(), None]:
@@ -705,6 +706,9 @@ class Capture:
                 # let the pipe run dry).
                 if merge.last_ts(MAIN) > watermark:
                     break
+        if final:  # a line cut by a read, never finished (the kernel always does): as is
+            for stream in (MAIN, RARE):
+                merge.add(stream, self._parsers[stream].flush())
         yield from self._records(merge.release(watermark, (main_done, True)), correlator)
         if main_done:  # both pipes ran dry: every event up to the watermark was read
             self._read_through_us = watermark
@@ -712,8 +716,8 @@ class Capture:
             self._saver.flush()
 
     def _chunk(self, stream: int) -> list[Item] | None:
-        """One read of a trace_pipe, parsed (each read returns whole events); None when
-        it has nothing now."""
+        """One read of a trace_pipe, parsed (see Parser.read); None when it has nothing
+        now."""
         try:
             data = os.read(self._fds[stream], READ_SIZE)
         except BlockingIOError:
@@ -730,8 +734,7 @@ class Capture:
         text = data.decode("utf-8", "surrogateescape")
         if self._saver is not None:
             self._saver.text(text, rare=stream == RARE)
-        parser = self._parsers[stream]
-        return parser.feed(text) + parser.flush()
+        return self._parsers[stream].read(text)
 
     def _records(self, items: list[Item], correlator: Correlator) -> Iterator[Record]:
         opts = self.options

@@ -291,9 +291,21 @@ class Parser:
             self._line(line, out)
         return out
 
+    def read(self, data: str) -> list[Item]:
+        """One read of a trace_pipe: its events, the last one included (no later line can
+        continue it). The kernel returns whole events per read, except that a read that
+        fills the kernel's text buffer can stop one byte short, the last event's newline
+        then coming first in the next read (reads of 4,095 bytes on 6.1 and 8,155 on
+        6.12, one read in 50 to 120 in a run of events of varied lengths): a line cut
+        by a read waits for the rest."""
+        out = self.feed(data)
+        if data.endswith("\n"):
+            out += self.flush()
+        return out
+
     def flush(self) -> list[Item]:
-        """Resolve what is held back. trace_pipe returns whole events per read, so this is
-        called after each read as well as at the end of the input."""
+        """Resolve what is held back: after a read that ended with a whole line, and at
+        the end of the input."""
         out: list[Item] = []
         if self._partial:
             self._line(self._partial, out)

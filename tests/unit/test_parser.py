@@ -305,6 +305,33 @@ def test_a_partial_line_waits_for_the_rest() -> None:
     assert parser.flush() == []
 
 
+@pytest.mark.parametrize(
+    ("first", "event", "short"),
+    [
+        (finit_line("insmod"), finit_event("insmod"), 1),
+        (finit_line("insmod"), finit_event("insmod"), 10),  # anywhere in its last line
+        # Lines of its own: the task name and the comm strings hold a newline.
+        (finit_line('e"v\nCPU:0 [L'), finit_event('e"v\nCPU:0 [L'), 1),
+        (params_line('a\n"b"\n'), params_event('a\n"b"\n'), 1),
+    ],
+)
+def test_a_read_cut_short_holds_its_last_line_until_the_next(
+    first: str, event: Event, short: int
+) -> None:
+    # A read of trace_pipe can stop a byte short of the kernel's text buffer: the last
+    # event's newline comes first in the next read.
+    assert "\n" not in first[-short:-1]
+    parser = Parser(PSET.by_event())
+    assert parser.read(first[:-short]) == []
+    assert parser.read(first[-short:] + ret_line(0)) == [event, ret_event(0)]
+    assert parser.flush() == []
+
+
+def test_a_read_ending_with_a_whole_line_gives_its_last_event_at_once() -> None:
+    parser = Parser(PSET.by_event())
+    assert parser.read(finit_line("insmod")) == [finit_event("insmod")]
+
+
 # -- strings are raw: quotes, key=value text, newlines ------------------------------------
 
 
