@@ -261,8 +261,8 @@ def _residue_start(pending: list[str], task: str) -> int | None:
 
 
 class Parser:
-    """Incremental parser. `feed` takes text as read (whole events per read, as
-    trace_pipe returns them); `flush` ends the input."""
+    """Incremental parser. `read` takes one read of a trace_pipe, `feed` any piece of
+    text; `flush` resolves what is held back (the end of the input)."""
 
     def __init__(self, events: dict[str, ProbeSpec | Tracepoint]) -> None:
         # By the name trace_pipe prints: a syscall's entry and exit tracepoints share one.

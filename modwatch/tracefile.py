@@ -69,8 +69,8 @@ class TraceWriter:
         stream.write("\n".join(lines) + "\n")
 
     def text(self, data: str, rare: bool = False) -> None:
-        """Text as read from the main instance's trace_pipe (whole events), or from the
-        rare instance's (one line)."""
+        """Text as read from the main instance's trace_pipe, or from the rare instance's
+        (one line a read, so that a replay reads it as it was read)."""
         self.stream.write(self.rare_marker + json.dumps(data) + "\n" if rare else data)
 
     def caller(self, tid: int, ts_us: int, facts: Caller) -> None:
